@@ -1,0 +1,82 @@
+"""
+Log setup: level from C{LOG_LEVEL}, format from C{LOG_FORMAT}.
+
+Under C{twistd} the observer built here is handed to twistd through the
+application's L{ILogObserver} component (see L{llmproxy.service}); under
+C{twist} its own C{--log-format}/C{--log-level} options apply.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    textFileLogObserver,
+)
+from zope.interface import implementer
+
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+
+
+@implementer(ILogObserver)
+class CompactJSONObserver:
+    """
+    One JSON object per line: C{ts}, C{level}, C{msg}, C{namespace}, then the
+    event's own structured fields (those a format string named or passed).
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        ts = event.get("log_time")
+        out: dict[str, Any] = {
+            "ts": datetime.datetime.fromtimestamp(ts or 0, datetime.UTC)
+            .isoformat(timespec="milliseconds")
+            .replace("+00:00", "Z"),
+            "level": level.name if level is not None else "info",
+            "msg": formatEvent(event),
+            "namespace": event.get("log_namespace", ""),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in ("message", "format", "time", "isError", "system"):
+                continue
+            if isinstance(value, str | int | float | bool) or value is None:
+                out[key] = value
+        failure = event.get("log_failure")
+        if failure is not None:
+            out["error"] = failure.getTraceback()
+        try:
+            self._stream.write(json.dumps(out, default=str) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def make_observer(level: str, fmt: str, stream: IO[str] | None = None) -> ILogObserver:
+    out = stream if stream is not None else sys.__stdout__
+    assert out is not None
+    base: ILogObserver = CompactJSONObserver(out) if fmt == "json" else textFileLogObserver(out)
+    return FilteringLogObserver(
+        base, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(level, LogLevel.info))]
+    )
+
+
+def open_log_stream(path: str) -> IO[str] | None:
+    if not path or path == "-":
+        return None
+    return open(path, "a", encoding="utf-8", buffering=1)

@@ -1,0 +1,1 @@
+"""The streaming reverse proxy on /v1."""

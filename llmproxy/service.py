@@ -1,0 +1,153 @@
+"""
+The service tree. Children start in the order they are added and stop one
+after another in reverse: the listening port first (in-flight requests get
+the drain timeout), then usage, audit and events flush, the store last.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+
+from llmproxy.web.site import LLMProxySite
+
+log = Logger()
+
+
+class SequentialMultiService(service.MultiService):
+    """
+    A MultiService whose children stop one at a time, in reverse start
+    order, each waiting for the previous one (Twisted's own stops them all
+    at once). A child that fails to stop is logged and the rest still stop.
+    """
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("error stopping {name}", name=child.name)
+
+
+class LLMProxyService(SequentialMultiService):
+    """
+    The top of the tree. When twistd parents it to its Application it also
+    installs our log observer there, so C{LOG_LEVEL}/C{LOG_FORMAT} apply.
+    """
+
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+
+class DrainingWebService(StreamServerEndpointService):
+    """
+    Listens on an endpoint; on stop it closes the port, closes idle
+    connections, gives in-flight requests (streams included) C{drain_timeout}
+    seconds to finish, and only then aborts what is left.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        site: LLMProxySite,
+        clock: IReactorTime,
+        drain_timeout: float,
+    ) -> None:
+        super().__init__(endpoint, site)
+        self.site = site
+        self.clock = clock
+        self.drain_timeout = drain_timeout
+        self._flusher: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.site.access_log.enabled:
+            from twisted.internet.task import LoopingCall
+
+            self._flusher = LoopingCall(self.site.access_log.flush)
+            self._flusher.clock = self.clock
+            self._flusher.start(1.0, now=False)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield super().stopService()  # the port is closed: nothing new comes in
+        site = self.site
+        site.start_draining()
+        if site.in_flight:
+            log.info(
+                "draining {count} in-flight request(s) for up to {timeout}s",
+                count=site.in_flight,
+                timeout=self.drain_timeout,
+            )
+            idle = site.when_idle()
+            idle.addTimeout(self.drain_timeout, self.clock)  # type: ignore[arg-type]
+            try:
+                yield idle
+            except defer.TimeoutError:
+                aborted = site.abort_all()
+                log.warn("drain deadline hit; aborted {count} request(s)", count=aborted)
+            else:
+                log.info("drained all in-flight requests")
+        if self._flusher is not None and self._flusher.running:
+            self._flusher.stop()
+        site.access_log.flush()
+
+
+def build_service(config: Any, reactor: Any) -> LLMProxyService:
+    """
+    Assemble the whole daemon from a L{Config}. Sections below are added in
+    start order; each component is constructed with what it needs.
+    """
+    from twisted.internet import endpoints
+    from twisted.web.resource import Resource
+
+    from llmproxy.logging import make_observer, open_log_stream
+    from llmproxy.tap import with_backlog
+    from llmproxy.web.app import WebApp
+    from llmproxy.web.errors import json_error
+    from llmproxy.web.root import Root
+    from llmproxy.web.site import AccessLog
+
+    top = LLMProxyService()
+    top.setName("llmproxy")
+    top.log_observer = make_observer(
+        config.effective_log_level, config.log_format, open_log_stream(config.log_file)
+    )
+
+    web = WebApp(clock=reactor)
+
+    # -- proxy (/v1) -------------------------------------------------------------
+    class _ProxyUnavailable(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            return json_error(request, 501, "proxy not configured", code="not_implemented")
+
+    proxy_resource: Any = _ProxyUnavailable()
+
+    # -- web -------------------------------------------------------------------
+    site = LLMProxySite(
+        Root(web.resource(), proxy_resource),
+        clock=reactor,
+        max_request_size=config.max_request_size,
+        access_log=AccessLog.from_setting(config.access_log, config.log_format),
+    )
+    endpoint = endpoints.serverFromString(
+        reactor, with_backlog(config.listen_addr, config.listen_backlog)
+    )
+    web_service = DrainingWebService(endpoint, site, reactor, config.drain_timeout)
+    web_service.setName("web")
+    web_service.setServiceParent(top)
+    return top

@@ -1,0 +1,1 @@
+"""Projects, tokens and audit events at rest (SQLite, PostgreSQL, MySQL, memory)."""

@@ -1,0 +1,83 @@
+"""twistd plugin options and service maker for C{twistd llmproxy}."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from llmproxy.config import Config, ConfigError, parse_duration
+
+
+def with_backlog(endpoint: str, backlog: int) -> str:
+    """Add C{backlog=N} to a C{tcp:} endpoint that does not name one."""
+    if re.match(r"^tcp6?:", endpoint) and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={backlog}"
+    return endpoint
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the llmproxy daemon. Settings come from environment variables "
+        "(see docs/configuration.rst); these options override them."
+    )
+    optParameters = [
+        [
+            "port",
+            "p",
+            None,
+            "Endpoint to listen on: tcp:8080, tcp:8080:backlog=2048, ssl:8443:privateKey=...,"
+            " unix:/run/llmproxy.sock, systemd:domain=INET:index=0 (default: LISTEN_ADDR).",
+        ],
+        [
+            "drain-timeout",
+            None,
+            None,
+            "Seconds in-flight requests get to finish on SIGTERM (default: DRAIN_TIMEOUT, 30s).",
+        ],
+        ["api-config", "c", None, "Providers YAML (default: API_CONFIG_PATH)."],
+        ["db", None, None, "SQLite database file (default: DATABASE_PATH)."],
+        ["log-level", None, None, "debug | info | warn | error (default: LOG_LEVEL)."],
+        ["file-event-log", None, None, "Write events as JSON lines here (FILE_EVENT_LOG)."],
+    ]
+
+    def postOptions(self) -> None:
+        from llmproxy.config import parse_listen_addr
+
+        overrides: dict[str, Any] = {}
+        try:
+            if self["port"]:
+                overrides["listen_addr"] = parse_listen_addr(self["port"])
+            if self["drain-timeout"]:
+                overrides["drain_timeout"] = parse_duration(self["drain-timeout"])
+            if self["api-config"]:
+                overrides["api_config_path"] = self["api-config"]
+            if self["db"]:
+                overrides["database_path"] = self["db"]
+            if self["log-level"]:
+                overrides["log_level"] = self["log-level"].lower()
+            if self["file-event-log"]:
+                overrides["file_event_log"] = self["file-event-log"]
+            self["config"] = Config.from_env(os.environ, overrides)
+        except (ConfigError, ValueError) as e:
+            # One line naming the problem, no traceback, non-zero exit.
+            sys.stderr.write(f"llmproxy: configuration error: {e}\n")
+            raise SystemExit(1)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    from llmproxy.service import build_service
+
+    config: Config = options["config"]
+    try:
+        return build_service(config, reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"llmproxy: configuration error: {e}\n")
+        raise SystemExit(1)

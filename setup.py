@@ -1,0 +1,51 @@
+from setuptools import setup
+
+setup(
+    name="llmproxy",
+    version="0.1.0",
+    description="A Twisted reverse proxy for LLM provider APIs with short-lived withering tokens.",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    python_requires=">=3.11",
+    # twisted.plugins is listed explicitly: it has no __init__.py and must not get one.
+    packages=[
+        "llmproxy",
+        "llmproxy.audit",
+        "llmproxy.events",
+        "llmproxy.proxy",
+        "llmproxy.store",
+        "llmproxy.store.migrations",
+        "llmproxy.store.migrations.versions",
+        "llmproxy.testing",
+        "llmproxy.tokens",
+        "llmproxy.web",
+        "twisted.plugins",
+    ],
+    package_data={"llmproxy": ["py.typed", "data/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "klein>=24.8",
+        "treq>=24.9",
+        "txredisapi>=1.4.10",
+        "attrs>=23.1",
+        "pyyaml>=6.0",
+        "sqlalchemy>=2.0",
+        "alembic>=1.13",
+        "psycopg[binary]>=3.1",
+        "pymysql>=1.1",
+        "cryptography>=42",
+        "prometheus-client>=0.20",
+        "bpe-openai>=0.1",
+    ],
+    extras_require={
+        "test": ["openai>=1.40", "coverage>=7.10"],
+        "bench": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["llmproxy = llmproxy.cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+    ],
+)
