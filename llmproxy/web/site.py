@@ -5,6 +5,7 @@ cheap access log.
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
@@ -57,6 +58,9 @@ class LLMProxyRequest(Request):
         self._body_received = 0
 
     def process(self) -> None:
+        if self.body_limit_hit:
+            # Already answered 413; the rest of the body must not reach a resource.
+            return
         self.channel.site.request_started(self)  # type: ignore[attr-defined]
         super().process()
 
@@ -76,8 +80,6 @@ class LLMProxyRequest(Request):
         self._body_received += len(data)
         limit = self.channel.site.max_request_size  # type: ignore[attr-defined]
         if self._body_received > limit:
-            self.content.seek(0)
-            self.content.truncate()
             self._reject_too_large(limit)
             return
         super().handleContentChunk(data)
@@ -88,6 +90,9 @@ class LLMProxyRequest(Request):
         reaches a resource, so nothing has been accepted or stored.
         """
         self.body_limit_hit = True
+        if self.content is not None:
+            self.content.close()
+        self.content = io.BytesIO()
         body = json.dumps(
             {
                 "error": "Request body too large",
@@ -203,8 +208,11 @@ class LLMProxySite(Site):
     # -- connection tracking -------------------------------------------------
 
     def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        if channel is not None:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            # Site wraps the HTTPChannel (for protocol negotiation); requests
+            # point at the inner channel, so track that one.
+            channel = getattr(protocol, "_channel", protocol)
             site = self
             original_lost: Callable[[Any], None] = channel.connectionLost
 
@@ -212,23 +220,21 @@ class LLMProxySite(Site):
                 site._channels.discard(channel)
                 original_lost(reason)
 
-            channel.connectionLost = connectionLost  # type: ignore[method-assign]
+            channel.connectionLost = connectionLost
             self._channels.add(channel)
-        return channel
+        return protocol
 
     # -- request tracking ----------------------------------------------------
 
     def request_started(self, request: Request) -> None:
         self._in_flight.add(request)
-        request.notifyFinish().addBoth(self._request_done, request)
+        request.notifyFinish().addBoth(self._request_done, request, request.channel)
 
-    def _request_done(self, result: Any, request: Request) -> None:
+    def _request_done(self, result: Any, request: Request, channel: Any) -> None:
         self._in_flight.discard(request)
-        if self.draining:
+        if self.draining and channel is not None:
             # Do not keep idle keep-alive connections once we are stopping.
-            channel = request.channel
-            if channel is not None and channel.transport is not None:
-                channel.persistent = False
+            channel.persistent = False
         if not self._in_flight:
             waiters, self._idle_waiters = self._idle_waiters, []
             for d in waiters:

@@ -1,0 +1,219 @@
+"""The non-proxy web surface: health, readiness, request ids, JSON 404s, body cap."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+
+from llmproxy.web.app import WebApp
+from llmproxy.web.root import Root
+from llmproxy.web.site import AccessLog, LLMProxySite
+
+
+class _Echo(Resource):
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        return b"proxied:" + request.uri
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.lines.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def make_client(web: WebApp) -> StubTreq:
+    return StubTreq(Root(web.resource(), _Echo()))
+
+
+class HealthTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.web = WebApp(clock=self.clock)
+        self.client = make_client(self.web)
+
+    def get(self, path: str, **kw: Any) -> tuple[Any, Any]:
+        response = self.successResultOf(self.client.get("http://x" + path, **kw))
+        body = self.successResultOf(response.content())
+        return response, body
+
+    def test_health(self) -> None:
+        response, body = self.get("/health")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+        data = json.loads(body)
+        self.assertEqual(data["status"], "ok")
+        self.assertEqual(data["version"], "0.1.0")
+        self.assertTrue(data["timestamp"].endswith("Z"))
+
+    def test_live(self) -> None:
+        response, body = self.get("/live")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body), {"status": "alive"})
+
+    def test_ready_without_checks(self) -> None:
+        response, body = self.get("/ready")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["status"], "ready")
+
+    def test_ready_names_failing_dependency(self) -> None:
+        def ok() -> defer.Deferred[None]:
+            return defer.succeed(None)
+
+        def broken() -> defer.Deferred[None]:
+            return defer.fail(ConnectionRefusedError("connection refused"))
+
+        self.web.ready_checks += [("database", ok), ("redis", broken)]
+        response, body = self.get("/ready")
+        self.assertEqual(response.code, 503)
+        data = json.loads(body)
+        self.assertEqual(data["checks"]["database"], "ok")
+        self.assertIn("redis", data["error"])
+        self.assertNotEqual(data["checks"]["redis"], "ok")
+
+    def test_ready_times_out(self) -> None:
+        self.web.ready_checks.append(("slow", lambda: defer.Deferred()))
+        d = self.client.get("http://x/ready")
+        self.assertNoResult(d)
+        self.clock.advance(self.web.ready_timeout + 0.1)
+        self.client.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 503)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body["checks"]["slow"], "timed out")
+
+    def test_unknown_path_json_404(self) -> None:
+        for path in ("/does-not-exist", "/", "/v2/models", "/health/x"):
+            response, body = self.get(path)
+            self.assertEqual(response.code, 404, path)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+            self.assertEqual(json.loads(body)["error"], "not found")
+
+    def test_v1_goes_to_proxy(self) -> None:
+        response, body = self.get("/v1/models?x=1")
+        self.assertEqual(body, b"proxied:/v1/models?x=1")
+
+    def test_request_id_echoed(self) -> None:
+        response, _ = self.get(
+            "/health", headers={"X-Request-ID": "abc", "X-Correlation-ID": "corr-1"}
+        )
+        self.assertEqual(response.headers.getRawHeaders("x-request-id"), ["abc"])
+        self.assertEqual(response.headers.getRawHeaders("x-correlation-id"), ["corr-1"])
+
+    def test_request_id_generated(self) -> None:
+        response, _ = self.get("/nothing-here")
+        rid = response.headers.getRawHeaders("x-request-id")[0]
+        cid = response.headers.getRawHeaders("x-correlation-id")[0]
+        self.assertEqual(len(rid), 36)
+        self.assertEqual(len(cid), 36)
+        self.assertNotEqual(rid, cid)
+
+
+class SiteTests(SynchronousTestCase):
+    def make_site(self, limit: int = 10) -> tuple[LLMProxySite, _Stream]:
+        stream = _Stream()
+        self.clock = Clock()
+        site = LLMProxySite(
+            Root(WebApp(clock=self.clock).resource(), _Echo()),
+            clock=self.clock,
+            max_request_size=limit,
+            access_log=AccessLog(stream, "json"),  # type: ignore[arg-type]
+        )
+        return site, stream
+
+    def connect(self, site: LLMProxySite) -> tuple[Any, StringTransport]:
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def test_declared_length_too_large(self) -> None:
+        site, stream = self.make_site(10)
+        channel, transport = self.connect(site)
+        channel.dataReceived(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
+        )
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        body = json.loads(out.split(b"\r\n\r\n", 1)[1])
+        self.assertEqual(body["code"], "request_too_large")
+        self.assertIn('"status_code":413', "".join(stream.lines))
+
+    def test_chunked_body_too_large(self) -> None:
+        site, _ = self.make_site(10)
+        channel, transport = self.connect(site)
+        channel.dataReceived(
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"8\r\n12345678\r\n8\r\n12345678\r\n0\r\n\r\n"
+        )
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        self.assertNotIn(b"proxied:", out)
+
+    def test_body_within_limit(self) -> None:
+        site, stream = self.make_site(10)
+        channel, transport = self.connect(site)
+        channel.dataReceived(
+            b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
+        )
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertIn(b"proxied:/v1/x", out)
+        line = json.loads(stream.lines[0])
+        self.assertEqual(
+            (line["method"], line["path"], line["status_code"]), ("POST", "/v1/x", 200)
+        )
+
+    def test_access_log_has_no_query_string(self) -> None:
+        site, stream = self.make_site(10)
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"GET /health?key=sk-secret HTTP/1.1\r\nHost: x\r\n\r\n")
+        text = "".join(stream.lines)
+        self.assertIn('"/health"', text)
+        self.assertNotIn("sk-secret", text)
+
+    def test_drain_tracking(self) -> None:
+        site, _ = self.make_site(1000)
+        pending: defer.Deferred[None] = defer.Deferred()
+
+        class Slow(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> int:
+                def done(_: Any) -> None:
+                    request.write(b"done")
+                    request.finish()
+
+                pending.addCallback(done)
+                from twisted.web.server import NOT_DONE_YET
+
+                return NOT_DONE_YET
+
+        site.resource = Root(WebApp(clock=self.clock).resource(), Slow())
+        busy, busy_transport = self.connect(site)
+        idle, idle_transport = self.connect(site)
+        busy.dataReceived(b"GET /v1/slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(site.in_flight, 1)
+        idle_result = site.when_idle()
+        self.assertNoResult(idle_result)
+        site.start_draining()
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertFalse(busy_transport.disconnecting)
+        pending.callback(None)
+        self.successResultOf(idle_result)
+        self.assertEqual(site.in_flight, 0)
+        self.assertIn(b"done", busy_transport.value())
