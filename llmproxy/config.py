@@ -193,6 +193,13 @@ class Config:
         "Grace period for in-flight requests (streams included) on SIGTERM; ``--drain-timeout``.",
         group=CORE,
     )
+    workers: int = _var(
+        "WORKERS",
+        1,
+        parse_positive_int,
+        "Worker processes sharing one listening socket (``--workers``); tcp endpoints only.",
+        group=CORE,
+    )
     request_timeout: float = _var(
         "REQUEST_TIMEOUT",
         30.0,

@@ -51,6 +51,32 @@ class LLMProxyService(SequentialMultiService):
         return super().setServiceParent(parent)
 
 
+def install_stop_once(reactor: Any) -> None:
+    """
+    Make repeated SIGTERM/SIGINT harmless: systemd signals every process of
+    the unit and the C{--workers} parent forwards the signal too; Twisted's
+    own handler would log C{ReactorNotRunning} for the second one.
+    """
+    import signal
+
+    stopping = []
+
+    def stop() -> None:
+        if not stopping and reactor.running:
+            stopping.append(True)
+            reactor.stop()
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop)
+
+    def install() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                signal.signal(sig, handler)
+
+    reactor.callWhenRunning(install)
+
+
 class DrainingWebService(StreamServerEndpointService):
     """
     Listens on an endpoint; on stop it closes the port, closes idle
@@ -122,6 +148,7 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
 
     top = LLMProxyService()
     top.setName("llmproxy")
+    install_stop_once(reactor)
     top.log_observer = make_observer(
         config.effective_log_level, config.log_format, open_log_stream(config.log_file)
     )

@@ -44,6 +44,12 @@ class Options(usage.Options):
         ["db", None, None, "SQLite database file (default: DATABASE_PATH)."],
         ["log-level", None, None, "debug | info | warn | error (default: LOG_LEVEL)."],
         ["file-event-log", None, None, "Write events as JSON lines here (FILE_EVENT_LOG)."],
+        [
+            "workers",
+            "w",
+            None,
+            "Worker processes sharing the listening socket (default: WORKERS, 1).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -63,6 +69,10 @@ class Options(usage.Options):
                 overrides["log_level"] = self["log-level"].lower()
             if self["file-event-log"]:
                 overrides["file_event_log"] = self["file-event-log"]
+            if self["workers"]:
+                from llmproxy.config import parse_positive_int
+
+                overrides["workers"] = parse_positive_int(self["workers"])
             self["config"] = Config.from_env(os.environ, overrides)
         except (ConfigError, ValueError) as e:
             # One line naming the problem, no traceback, non-zero exit.
@@ -77,7 +87,50 @@ def makeService(options: Options) -> IService:
 
     config: Config = options["config"]
     try:
+        if config.workers > 1:
+            return build_worker_pool(config, options, reactor)
         return build_service(config, reactor)
     except ConfigError as e:
         sys.stderr.write(f"llmproxy: configuration error: {e}\n")
         raise SystemExit(1)
+
+
+def build_worker_pool(config: Config, options: Options, reactor: Any) -> IService:
+    """The parent of C{--workers N}: binds the port, runs N worker daemons."""
+    from llmproxy.service import LLMProxyService, install_stop_once
+    from llmproxy.workers import WorkerPoolService
+
+    passthrough: list[str] = []
+    for name in ("drain-timeout", "api-config", "db", "log-level", "file-event-log"):
+        if options[name]:
+            passthrough += [f"--{name}", options[name]]
+    env: dict[str, str] = {}
+    if not config.distributed_rate_limit_enabled and config.http_cache_backend != "redis":
+        # Without Redis pub/sub the workers cannot tell each other about a
+        # revocation; keep their in-process caches short so every worker
+        # enforces it within a second.
+        for var, value in (
+            ("TOKEN_CACHE_TTL", config.token_cache_ttl),
+            ("LLM_PROXY_ACTIVE_CACHE_TTL", config.active_cache_ttl),
+            ("LLM_PROXY_API_KEY_CACHE_TTL", config.api_key_cache_ttl),
+        ):
+            env[var] = str(min(value, 1.0))
+    top = LLMProxyService()
+    top.setName("llmproxy-workers")
+    install_stop_once(reactor)
+    from llmproxy.logging import make_observer, open_log_stream
+
+    top.log_observer = make_observer(
+        config.effective_log_level, config.log_format, open_log_stream(config.log_file)
+    )
+    pool = WorkerPoolService(
+        reactor,
+        reactor,
+        with_backlog(config.listen_addr, config.listen_backlog),
+        config.workers,
+        passthrough,
+        env,
+        stop_timeout=config.drain_timeout + 15.0,
+    )
+    pool.setServiceParent(top)
+    return top

@@ -1,0 +1,70 @@
+"""--workers N: one socket, N worker daemons, supervised by the parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from llmproxy.testing.daemon import start_daemon
+from llmproxy.workers import parse_tcp_endpoint
+
+
+def worker_pids(parent: int) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(parent)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(p) for p in out.split()]
+
+
+class ParseTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        self.assertEqual(parse_tcp_endpoint("tcp:8080"), ("0.0.0.0", 8080, 1024))
+        self.assertEqual(
+            parse_tcp_endpoint("tcp:8080:interface=127.0.0.1:backlog=50"),
+            ("127.0.0.1", 8080, 50),
+        )
+        self.assertRaises(ValueError, parse_tcp_endpoint, "unix:/tmp/s")
+
+
+class WorkersEndToEndTests(SynchronousTestCase):
+    def test_two_workers_serve_restart_and_stop(self) -> None:
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        daemon = start_daemon(
+            workdir,
+            {"MANAGEMENT_TOKEN": "mt", "LOG_FORMAT": "text", "ACCESS_LOG": "off"},
+            args=["--workers", "2"],
+        )
+        self.addCleanup(daemon.kill)
+        deadline = time.monotonic() + 20
+        while len(worker_pids(daemon.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = worker_pids(daemon.process.pid)
+        self.assertEqual(len(workers), 2, daemon.log())
+        for _ in range(10):
+            with urllib.request.urlopen(daemon.url + "/health", timeout=5) as r:
+                self.assertEqual(json.loads(r.read())["status"], "ok")
+
+        # A worker that dies is replaced.
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            now = worker_pids(daemon.process.pid)
+            if len(now) == 2 and workers[0] not in now:
+                break
+            time.sleep(0.1)
+        now = worker_pids(daemon.process.pid)
+        self.assertEqual(len(now), 2, daemon.log())
+        self.assertNotIn(workers[0], now)
+        with urllib.request.urlopen(daemon.url + "/health", timeout=5) as r:
+            self.assertEqual(r.status, 200)
+
+        self.assertEqual(daemon.terminate(), 0, daemon.log())
+        self.assertEqual(worker_pids(daemon.process.pid), [])
+        self.assertNotIn("Traceback", daemon.log())
