@@ -1,0 +1,58 @@
+"""Response headers and the error body for rate-limit decisions."""
+
+from __future__ import annotations
+
+from twisted.web.server import Request
+
+from llmproxy.ratelimit.interface import Decision
+from llmproxy.web.errors import json_error
+
+
+def rate_limit_headers(decision: Decision | None) -> list[tuple[bytes, bytes]]:
+    """
+    C{RateLimit-Limit}, C{RateLimit-Remaining}, C{RateLimit-Reset} (seconds
+    until the window ends) and, when refused, C{Retry-After}. No headers
+    when no limit applied.
+    """
+    if decision is None:
+        return []
+    headers = [
+        (b"RateLimit-Limit", b"%d" % decision.limit),
+        (b"RateLimit-Remaining", b"%d" % decision.remaining),
+        (b"RateLimit-Reset", b"%d" % decision.reset_seconds),
+    ]
+    if not decision.allowed and decision.retry_after is not None:
+        headers.append((b"Retry-After", b"%d" % decision.retry_after))
+    return headers
+
+
+def apply_rate_limit_headers(request: Request, decision: Decision | None) -> None:
+    for name, value in rate_limit_headers(decision):
+        request.setHeader(name, value)
+
+
+def rate_limit_error(request: Request, decision: Decision) -> bytes:
+    """
+    Set the headers and status for a refused request and return the JSON
+    body: 429 C{rate_limit_exceeded}, or 503 when the counter store is
+    unavailable and the limiter fails closed.
+    """
+    apply_rate_limit_headers(request, decision)
+    if decision.unavailable:
+        return json_error(
+            request,
+            503,
+            "Rate limiting unavailable",
+            code="rate_limit_unavailable",
+            description="redis unavailable for rate limiting",
+            retry_after=decision.retry_after,
+        )
+    return json_error(
+        request,
+        429,
+        "Rate limit exceeded",
+        code="rate_limit_exceeded",
+        description=f"{decision.scope or 'request'} rate limit of {decision.limit} "
+        f"requests reached; retry after {decision.retry_after} s",
+        retry_after=decision.retry_after,
+    )
