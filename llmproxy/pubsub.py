@@ -1,0 +1,213 @@
+"""
+Cross-instance cache invalidation over Redis pub/sub. Announcements made on
+this instance's L{InvalidationHub} are published; messages from other
+instances are delivered to the local hub, so a revoked token or deactivated
+project is refused everywhere within a second. Messages carry the sender's
+instance id and own messages are ignored. While Redis is away the in-process
+cache TTLs bound how long a stale entry can live; the subscriber reconnects
+on its own when Redis returns.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import txredisapi
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.logger import Logger
+
+from llmproxy.invalidation import InvalidationHub
+from llmproxy.logthrottle import LogThrottle
+from llmproxy.redisconn import RedisAddress, call_with_timeout, connect
+
+log = Logger()
+
+DEFAULT_CHANNEL = "llmproxy:invalidations"
+KINDS = frozenset({"token", "project"})
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    bridge: RedisInvalidationBridge
+
+    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
+        self.factory.bridge.message_received(message)
+
+
+class _SubscriberFactory(txredisapi.SubscriberFactory):
+    protocol = _Subscriber
+    initialDelay = 0.2
+    maxDelay = 2.0
+
+    def __init__(self, bridge: RedisInvalidationBridge, password: str | None) -> None:
+        super().__init__(isLazy=True)
+        self.bridge = bridge
+        self.password = password
+        self.reconnect = True
+
+    def addConnection(self, conn: Any) -> None:
+        super().addConnection(conn)
+        if conn in self.pool:
+            self.bridge.subscriber_connected(conn)
+
+    def delConnection(self, conn: Any) -> None:
+        super().delConnection(conn)
+        self.bridge.subscriber_lost()
+
+
+class RedisInvalidationBridge(service.Service):
+    """
+    Connects C{hub} to every other instance through C{channel}: one pool
+    for PUBLISH (each call with C{timeout}) and a separate subscriber
+    connection that reconnects with a short backoff.
+    """
+
+    name = "invalidation-pubsub"
+
+    def __init__(
+        self,
+        hub: InvalidationHub,
+        address: RedisAddress,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        metrics: Any = None,
+        channel: str = DEFAULT_CHANNEL,
+        timeout: float = 0.5,
+    ) -> None:
+        self.hub = hub
+        self.address = address
+        self.reactor = reactor
+        self.clock = clock
+        self.metrics = metrics
+        self.channel = channel
+        self.timeout = timeout
+        self.instance_id = uuid.uuid4().hex
+        self.subscribed = False
+        self._pool: Any = None
+        self._factory: _SubscriberFactory | None = None
+        self._subscribed_waiters: list[defer.Deferred[None]] = []
+        self._publish_log = LogThrottle(clock, 60.0)
+        self._was_lost = False
+        self._registered = False
+
+    # -- service -----------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool = connect(self.address, poolsize=1)
+        self._factory = _SubscriberFactory(self, self.address.password)
+        endpoint = endpoints.TCP4ClientEndpoint(
+            self.reactor, self.address.host, self.address.port, timeout=2
+        )
+        self._factory.startConnecting(endpoint)
+        if not self._registered:
+            self.hub.add_remote(self.publish)
+            self._registered = True
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        factory, self._factory = self._factory, None
+        pool, self._pool = self._pool, None
+        self.subscribed = False
+        if factory is not None:
+            yield factory.disconnect()
+        if pool is not None:
+            yield pool.disconnect()
+
+    # -- publishing ------------------------------------------------------------
+
+    def publish(self, kind: str, key: str) -> None:
+        """Hub publisher: tell other instances (never raises, never waits)."""
+        if self._pool is None:
+            return
+        message = json.dumps({"i": self.instance_id, "k": kind, "key": key})
+        d = call_with_timeout(self._pool.publish(self.channel, message), self.timeout, self.clock)
+        d.addCallbacks(self._published, self._publish_failed)
+
+    def _published(self, _: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.invalidation("published")
+
+    def _publish_failed(self, failure: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_error("pubsub")
+            self.metrics.invalidation("publish_failed")
+        suppressed = self._publish_log.ready()
+        if suppressed is not None:
+            log.warn(
+                "publishing an invalidation to Redis failed ({error}); other instances "
+                "rely on their cache TTL ({suppressed} similar failures since the last message)",
+                error=failure.type.__name__,
+                suppressed=suppressed,
+            )
+
+    # -- subscribing -----------------------------------------------------------
+
+    def subscriber_connected(self, conn: Any) -> None:
+        d = call_with_timeout(conn.subscribe(self.channel), self.timeout * 4, self.clock)
+        d.addCallbacks(self._subscribed, self._subscribe_failed, errbackArgs=(conn,))
+
+    def _subscribed(self, _: Any) -> None:
+        self.subscribed = True
+        if self._was_lost:
+            log.info("invalidation subscriber reconnected to Redis")
+            self._was_lost = False
+        waiters, self._subscribed_waiters = self._subscribed_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def _subscribe_failed(self, failure: Any, conn: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_error("pubsub")
+        log.warn("subscribing to invalidations failed: {error}", error=failure.type.__name__)
+        if conn.transport is not None:
+            conn.transport.loseConnection()  # the factory reconnects
+
+    def subscriber_lost(self) -> None:
+        if self.subscribed and self.running:
+            log.warn(
+                "invalidation subscriber lost its Redis connection; reconnecting "
+                "(cache TTLs bound staleness meanwhile)"
+            )
+            if self.metrics is not None:
+                self.metrics.redis_error("pubsub")
+            self._was_lost = True
+        self.subscribed = False
+
+    def when_subscribed(self) -> defer.Deferred[None]:
+        """Fires once the subscription is active (immediately if it is)."""
+        if self.subscribed:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._subscribed_waiters.append(d)
+        return d
+
+    def message_received(self, message: Any) -> None:
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        try:
+            data = json.loads(message)
+            sender, kind, key = data["i"], data["k"], data["key"]
+        except (TypeError, ValueError, KeyError):
+            log.warn("ignoring malformed invalidation message")
+            return
+        if sender == self.instance_id:
+            return
+        if kind not in KINDS or not isinstance(key, str):
+            log.warn("ignoring invalidation of unknown kind {kind!r}", kind=str(kind)[:32])
+            return
+        if self.metrics is not None:
+            self.metrics.invalidation("received")
+        self.hub.deliver(kind, key)
+
+    # -- readiness -------------------------------------------------------------
+
+    def ready_check(self) -> defer.Deferred[None]:
+        """For C{/ready}: fails while the subscription is down."""
+        if self.subscribed:
+            return defer.succeed(None)
+        return defer.fail(RuntimeError("not subscribed to Redis invalidations"))
