@@ -668,6 +668,15 @@ class Config:
     redis_password: str = _var(
         "REDIS_PASSWORD", "", parse_str, "Redis password.", group=EVENTS, secret=True
     )
+    invalidation_pubsub: bool = _var(
+        "INVALIDATION_PUBSUB",
+        False,
+        parse_bool,
+        "Share cache invalidations (revocations, token and project changes) with other "
+        "instances over Redis pub/sub at ``REDIS_ADDR``; always on when Redis is used for "
+        "rate limits, the response cache or events.",
+        group=EVENTS,
+    )
     redis_stream_key: str = _var(
         "REDIS_STREAM_KEY", "llm-proxy-events", parse_str, "Event stream name.", group=EVENTS
     )

@@ -211,3 +211,26 @@ class RedisInvalidationBridge(service.Service):
         if self.subscribed:
             return defer.succeed(None)
         return defer.fail(RuntimeError("not subscribed to Redis invalidations"))
+
+
+def pubsub_address(config: Any) -> RedisAddress | None:
+    """
+    The Redis to share invalidations through, or None when this instance
+    uses Redis for nothing (then it is assumed to run alone).
+    """
+    uses_redis = (
+        config.invalidation_pubsub
+        or config.distributed_rate_limit_enabled
+        or config.event_bus == "redis-streams"
+        or (config.http_cache_enabled and config.http_cache_backend == "redis")
+    )
+    if not uses_redis:
+        return None
+    only_cache = not (
+        config.invalidation_pubsub
+        or config.distributed_rate_limit_enabled
+        or config.event_bus == "redis-streams"
+    )
+    if only_cache and config.redis_cache_url:
+        return RedisAddress.from_url(config.redis_cache_url)
+    return RedisAddress.from_config(config)

@@ -155,6 +155,35 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
 
     web = WebApp(clock=reactor)
 
+    # -- metrics, rate limits, cross-instance invalidation ------------------------
+    from llmproxy.invalidation import InvalidationHub
+    from llmproxy.metrics import Metrics, MetricsObserver, install_metrics
+    from llmproxy.pubsub import RedisInvalidationBridge, pubsub_address
+    from llmproxy.ratelimit import build_rate_limit_policy
+    from llmproxy.ratelimit.redis import RedisPoolService
+    from llmproxy.redisconn import RedisAddress, connect
+
+    metrics = Metrics(reactor)  # components count through this
+    # IRequestObserver list handed to the proxy resource (events and usage add theirs)
+    request_observers: list[Any] = [MetricsObserver(metrics)]  # noqa: F841
+    install_metrics(web, config, metrics)
+    invalidation = InvalidationHub()  # management announces, caches listen
+    ratelimit_pool = None
+    if config.distributed_rate_limit_enabled:
+        ratelimit_pool = connect(RedisAddress.from_config(config))
+        RedisPoolService(ratelimit_pool).setServiceParent(top)
+    # RateLimitPolicy, or None when no limit is configured
+    rate_limits = build_rate_limit_policy(config, reactor, metrics, ratelimit_pool)
+    if rate_limits is not None and ratelimit_pool is not None:
+        web.ready_checks.append(("ratelimit_redis", rate_limits.limiter.ping))  # type: ignore[attr-defined]
+    invalidation_address = pubsub_address(config)
+    if invalidation_address is not None:
+        invalidation_bridge = RedisInvalidationBridge(
+            invalidation, invalidation_address, reactor, reactor, metrics=metrics
+        )
+        invalidation_bridge.setServiceParent(top)
+        web.ready_checks.append(("invalidation_pubsub", invalidation_bridge.ready_check))
+
     # -- proxy (/v1) -------------------------------------------------------------
     class _ProxyUnavailable(Resource):
         isLeaf = True

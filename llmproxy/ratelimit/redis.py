@@ -10,6 +10,7 @@ import hashlib
 import hmac
 from typing import Any
 
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -143,3 +144,15 @@ class RedisRateLimiter:
     def ping(self) -> defer.Deferred[Any]:
         """For C{/ready}: one PING within the timeout."""
         return call_with_timeout(self.pool.ping(), self.timeout * 4, self.clock)  # type: ignore[no-any-return]
+
+
+class RedisPoolService(service.Service):
+    """Owns a txredisapi pool so it is disconnected when the daemon stops."""
+
+    def __init__(self, pool: Any, name: str = "redis-ratelimit") -> None:
+        self.pool = pool
+        self.name = name
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.pool.disconnect()
