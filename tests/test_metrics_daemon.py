@@ -76,3 +76,19 @@ class DaemonMetricsTests(SynchronousTestCase):
         self.assertEqual(checks["invalidation_pubsub"], "ok")
         self.assertEqual(daemon.terminate(), 0)
         self.assertNotIn("Traceback", daemon.log())
+
+    def test_redis_unreachable(self) -> None:
+        from llmproxy.testing.daemon import free_port
+
+        daemon = self.start(
+            DISTRIBUTED_RATE_LIMIT_ENABLED="true", REDIS_ADDR=f"127.0.0.1:{free_port()}"
+        )
+        status, _, body = get(daemon, "/health")
+        self.assertEqual(status, 200)
+        status, _, body = get(daemon, "/ready")
+        self.assertEqual(status, 503)
+        checks = json.loads(body)["checks"]
+        self.assertNotEqual(checks["ratelimit_redis"], "ok")
+        self.assertNotEqual(checks["invalidation_pubsub"], "ok")
+        self.assertEqual(get(daemon, "/metrics")[0], 200)
+        self.assertEqual(daemon.terminate(), 0)
