@@ -1,26 +1,18 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+with open("README.rst", encoding="utf-8") as f:
+    README = f.read()
 
 setup(
     name="llmproxy",
     version="0.1.0",
     description="A Twisted reverse proxy for LLM provider APIs with short-lived withering tokens.",
-    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description=README,
     long_description_content_type="text/x-rst",
+    license="MIT",
     python_requires=">=3.11",
     # twisted.plugins is listed explicitly: it has no __init__.py and must not get one.
-    packages=[
-        "llmproxy",
-        "llmproxy.audit",
-        "llmproxy.events",
-        "llmproxy.proxy",
-        "llmproxy.store",
-        "llmproxy.store.migrations",
-        "llmproxy.store.migrations.versions",
-        "llmproxy.testing",
-        "llmproxy.tokens",
-        "llmproxy.web",
-        "twisted.plugins",
-    ],
+    packages=find_packages(include=["llmproxy", "llmproxy.*"]) + ["twisted.plugins"],
     package_data={"llmproxy": ["py.typed", "data/*.yaml"]},
     include_package_data=True,
     install_requires=[
@@ -46,6 +38,5 @@ setup(
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
     ],
 )
