@@ -1,0 +1,1 @@
+"""Files shipped with llmproxy (the example providers file)."""
