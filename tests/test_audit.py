@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+import attrs
+
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -48,6 +50,18 @@ def lines(path: str) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+@attrs.frozen
+class Rejection:
+    """Shaped like llmproxy.tokens.validator.Rejection (the hook reads it by attribute)."""
+
+    status: int
+    error: str
+    code: str
+    description: str = ""
+    kind: str = "auth"
+    token: Any = None
 
 
 class _FailingStore(MemoryStore):
@@ -193,6 +207,46 @@ class ProxyDeniedTests(SynchronousTestCase):
         self.assertNotIn(secret, json.dumps(ev.event_line(e)))
         e = ev.proxy_denied(self.request(), Clock(), reason="invalid_token", presented_token="abc")
         self.assertEqual(e.details["token"], "***")
+
+    def test_proxy_hook(self) -> None:
+        from llmproxy.store.records import Token
+
+        recorded: list[AuditEvent] = []
+
+        class Sink:
+            def record(self, e: AuditEvent) -> None:
+                recorded.append(e)
+
+        hook = ev.proxy_rejection_hook(Sink(), Clock())
+        token = Token(
+            id="0b9f6f0e-7c44-4a8e-9d2a-3c1f5e6d7a8b",
+            token_hash="h" * 64,
+            display="sk-AbCd**************StUv",
+            project_id="p1",
+            is_active=False,
+            created_at=ev.utc_now(Clock()),
+        )
+        hook(
+            self.request(),
+            Rejection(401, "Token is inactive", "token_inactive", token=token),
+            TOKEN,
+        )
+        hook(
+            self.request(),
+            Rejection(
+                503, "Service temporarily unavailable", "service_unavailable", kind="dependency"
+            ),
+            None,
+        )
+        denied, failed = recorded
+        self.assertEqual((denied.outcome, denied.reason, denied.project_id), ("denied", None, "p1"))
+        self.assertEqual(denied.details["reason"], "token_inactive")
+        self.assertEqual(denied.details["status_code"], 401)
+        self.assertEqual(denied.token_id, "0b9f6f0e...7a8b")
+        self.assertNotIn(TOKEN, json.dumps(ev.event_line(denied)))
+        self.assertEqual(
+            (failed.outcome, failed.details["reason"]), ("error", "service_unavailable")
+        )
 
     def test_unknown_outcome_refused(self) -> None:
         self.assertRaises(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -251,3 +252,34 @@ def event_json(event: AuditEvent) -> dict[str, Any]:
     if event.details:
         row["metadata"] = json.dumps(event.details, separators=(",", ":"), sort_keys=True)
     return row
+
+
+def proxy_rejection_hook(
+    sink: Any, clock: IReactorTime
+) -> Callable[[Request, Any, str | None], None]:
+    """
+    The proxy's audit hook: C{hook(request, rejection, presented_token)}
+    records one C{proxy_request} event on C{sink} (anything with
+    C{record(event)}, normally the L{AuditWriterService}). C{rejection} is a
+    L{llmproxy.tokens.validator.Rejection}: its C{code} becomes the reason;
+    refusals caused by a failing dependency are C{error}, the rest C{denied}.
+    """
+
+    def hook(request: Request, rejection: Any, presented: str | None) -> None:
+        token = getattr(rejection, "token", None)
+        status = getattr(rejection, "status", None)
+        failing = getattr(rejection, "kind", "") == "dependency" or (status or 0) >= 500
+        sink.record(
+            proxy_denied(
+                request,
+                clock,
+                reason=str(getattr(rejection, "code", "") or "rejected"),
+                presented_token=presented,
+                token_id=getattr(token, "id", None),
+                project_id=getattr(token, "project_id", None),
+                status=status,
+                outcome=ERROR if failing else DENIED,
+            )
+        )
+
+    return hook
