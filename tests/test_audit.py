@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 import attrs
-
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
