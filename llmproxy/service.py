@@ -59,7 +59,7 @@ def install_stop_once(reactor: Any) -> None:
     """
     import signal
 
-    stopping = []
+    stopping: list[bool] = []
 
     def stop() -> None:
         if not stopping and reactor.running:
@@ -154,6 +154,14 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     )
 
     web = WebApp(clock=reactor)
+
+    # -- store (first: everything else may use it) --------------------------------
+    from llmproxy.store.service import StoreService
+    from llmproxy.store.sql import make_store
+
+    store = make_store(config, reactor)  # IStore; opened (migrated) when the tree starts
+    StoreService(store).setServiceParent(top)
+    web.ready_checks.append(("database", store.ping))
 
     # -- metrics, rate limits, cross-instance invalidation ------------------------
     from llmproxy.invalidation import InvalidationHub
