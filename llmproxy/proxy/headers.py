@@ -1,0 +1,154 @@
+"""
+Which headers cross the proxy, in each direction, and which it adds.
+
+Repeated headers are kept as they are (twisted's C{getAllRawHeaders} keeps
+every value); hop-by-hop headers, and any header the C{Connection} header
+names, never cross.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+from twisted.web.http_headers import Headers
+
+PROXY_NAME = b"llm-proxy"
+PROXY_VERSION = b"0.1.0"
+
+#: RFC 9110 §7.6.1 plus the historical ones.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Client address headers a client could forge; the proxy sets its own
+#: X-Forwarded-For from the peer address instead.
+CLIENT_IP_HEADERS = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"cf-connecting-ip",
+        b"cf-ipcountry",
+        b"x-client-ip",
+        b"x-original-forwarded-for",
+    }
+)
+
+#: Set by the proxy (or by the HTTP client) on the way upstream.
+_REPLACED_UPSTREAM = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"authorization",
+        b"x-request-id",
+        b"x-proxy",
+        b"x-proxy-version",
+        b"x-proxy-id",
+        b"x-upstream-request-start",
+    }
+)
+
+#: Set by the proxy (or by twisted.web) on the way back to the client.
+_REPLACED_DOWNSTREAM = frozenset(
+    {
+        b"x-request-id",
+        b"x-proxy",
+        b"x-proxy-received-at",
+        b"x-proxy-first-response-at",
+        b"x-proxy-final-response-at",
+        b"x-upstream-request-start",
+        b"x-upstream-request-stop",
+        b"date",
+        b"server",
+    }
+)
+
+
+def connection_named(headers: Headers) -> set[bytes]:
+    """Header names listed in C{Connection} (they are hop-by-hop too)."""
+    named: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for part in value.split(b","):
+            part = part.strip().lower()
+            if part:
+                named.add(part)
+    return named
+
+
+def unix_ns(wall: float | None = None) -> bytes:
+    """Wall-clock time in integer nanoseconds, as the Go project sends it."""
+    t = time.time_ns() if wall is None else int(wall * 1e9)
+    return str(t).encode()
+
+
+def rfc3339_ns(wall: float) -> bytes:
+    """RFC 3339 UTC with nanosecond digits (microsecond precision)."""
+    dt = datetime.datetime.fromtimestamp(wall, datetime.UTC)
+    return (dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond:06d}000Z").encode()
+
+
+def wants_stream(request_headers: Headers, uri: bytes) -> bool:
+    accept = b",".join(request_headers.getRawHeaders(b"accept", []))
+    if b"text/event-stream" in accept.lower():
+        return True
+    _, _, query = uri.partition(b"?")
+    return b"stream=true" in query.lower()
+
+
+def upstream_request_headers(
+    client: Headers,
+    *,
+    uri: bytes,
+    api_key: str,
+    project_id: str,
+    request_id: str,
+    peer_ip: str,
+    started_wall: float,
+) -> Headers:
+    """
+    The headers sent upstream: the client's, minus hop-by-hop, client-IP
+    and proxy-owned ones, plus the project's key and the proxy's own. The
+    Agent adds C{Host} (the upstream's) and C{Content-Length}.
+    """
+    drop = HOP_BY_HOP | CLIENT_IP_HEADERS | _REPLACED_UPSTREAM | connection_named(client)
+    out = Headers()
+    for name, values in client.getAllRawHeaders():
+        if name.lower() not in drop:
+            out.setRawHeaders(name, list(values))
+    out.setRawHeaders(b"Authorization", [b"Bearer " + api_key.encode("utf-8")])
+    out.setRawHeaders(b"X-Proxy", [PROXY_NAME])
+    out.setRawHeaders(b"X-Proxy-Version", [PROXY_VERSION])
+    out.setRawHeaders(b"X-Proxy-ID", [project_id.encode("utf-8")])
+    out.setRawHeaders(b"X-Request-ID", [request_id.encode("utf-8")])
+    out.setRawHeaders(b"X-UPSTREAM-REQUEST-START", [unix_ns(started_wall)])
+    if peer_ip:
+        out.setRawHeaders(b"X-Forwarded-For", [peer_ip.encode("latin-1")])
+    if not out.hasHeader(b"accept") and wants_stream(client, uri):
+        out.setRawHeaders(b"Accept", [b"text/event-stream"])
+    return out
+
+
+def copy_response_headers(upstream: Headers, downstream: Headers) -> None:
+    """Upstream response headers the client may see (all but hop-by-hop)."""
+    drop = HOP_BY_HOP | _REPLACED_DOWNSTREAM | connection_named(upstream)
+    for name, values in upstream.getAllRawHeaders():
+        if name.lower() not in drop:
+            downstream.setRawHeaders(name, list(values))
+
+
+def is_event_stream(headers: Headers) -> bool:
+    for value in headers.getRawHeaders(b"content-type", []):
+        if b"text/event-stream" in value.lower():
+            return True
+    return False

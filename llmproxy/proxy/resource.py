@@ -1,0 +1,503 @@
+"""
+The proxy resource for C{/v1/...}: breaker, preflight, policy, token,
+project guard, then a streaming forward through the shared Agent.
+
+It keeps the type of Twisted's C{ReverseProxyResource} but none of its
+transport: that one speaks HTTP/1.0 without TLS, collapses repeated headers,
+has no backpressure and never cancels the upstream when the client leaves.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.task import Cooperator
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
+
+from llmproxy.proxy.breaker import CircuitBreaker
+from llmproxy.proxy.forward import (
+    CLIENT_ABORTED,
+    BodyRelay,
+    IBodyTap,
+    TapFactory,
+    abort_client,
+    body_producer,
+    describe_failure,
+    read_prefix,
+)
+from llmproxy.proxy.headers import (
+    PROXY_NAME,
+    copy_response_headers,
+    is_event_stream,
+    rfc3339_ns,
+    unix_ns,
+    upstream_request_headers,
+)
+from llmproxy.proxy.record import IRequestObserver, RequestRecord
+from llmproxy.proxy.service import UpstreamClientService
+from llmproxy.store.records import Token
+from llmproxy.tokens.validator import Rejection, TokenValidator, extract_bearer
+from llmproxy.web.errors import json_error
+from llmproxy.web.site import client_ip
+
+with warnings.catch_warnings():
+    # twisted.web.proxy imports the deprecated HTTPClient; we only keep the
+    # ReverseProxyResource type, never its HTTP/1.0 client.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"twisted\.web\.http\.HTTPClient was deprecated",
+        category=DeprecationWarning,
+    )
+    from twisted.web.proxy import ReverseProxyResource
+
+log = Logger()
+
+#: Status recorded when the client went away before an answer.
+CLIENT_CLOSED = 499
+
+
+@attrs.frozen
+class Upstream:
+    """Where a provider lives and how long to wait for its response headers."""
+
+    name: str
+    base_url: str
+    response_header_timeout: float = 30.0
+
+    @property
+    def _split(self) -> Any:
+        return urlsplit(self.base_url)
+
+    @property
+    def scheme(self) -> str:
+        return str(self._split.scheme or "https").lower()
+
+    @property
+    def host(self) -> str:
+        return str(self._split.hostname or "")
+
+    @property
+    def port(self) -> int:
+        port = self._split.port
+        return int(port) if port else (443 if self.scheme == "https" else 80)
+
+    @property
+    def origin(self) -> bytes:
+        """C{scheme://host[:port]}: the request path is appended as received."""
+        host = self.host
+        if ":" in host:
+            host = f"[{host}]"
+        default = 443 if self.scheme == "https" else 80
+        netloc = host if self.port == default else f"{host}:{self.port}"
+        return f"{self.scheme}://{netloc}".encode("ascii")
+
+
+@attrs.frozen
+class PolicyDenial:
+    status: int
+    error: str
+    code: str
+    description: str = ""
+
+
+class RequestPolicy(Protocol):
+    """The provider's request policy (allowed methods and paths, parameters, CORS)."""
+
+    def preflight(self, request: Request) -> None:
+        """Answer an OPTIONS preflight: status and headers (the body is empty)."""
+
+    def check(self, request: Request) -> PolicyDenial | None:
+        """Refuse a request before any token check, or None to let it through."""
+
+    def cors_headers(self, request: Request) -> None:
+        """Add the CORS echo headers to any answer (when the request had Origin)."""
+
+
+class OpenPolicy:
+    """Every method and path allowed, no CORS: what runs without a policy."""
+
+    def preflight(self, request: Request) -> None:
+        request.setResponseCode(204)
+
+    def check(self, request: Request) -> PolicyDenial | None:
+        return None
+
+    def cors_headers(self, request: Request) -> None:
+        pass
+
+
+#: Called for every refused token: C{(request, rejection, presented_token)}.
+AuditHook = Callable[[Request, Rejection, "str | None"], None]
+
+
+class _Exchange:
+    """State of one proxied request, shared with the disconnect callback."""
+
+    def __init__(self) -> None:
+        self.client_gone = False
+        self.timed_out = False
+        self.pending: defer.Deferred[Any] | None = None
+        self.relay: BodyRelay | None = None
+
+    def header_timeout(self) -> None:
+        if self.pending is not None:
+            self.timed_out = True
+            self.pending.cancel()
+
+    def lost(self, _: Failure) -> None:
+        self.client_gone = True
+        if self.relay is not None:
+            self.relay.client_gone()
+        elif self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+
+
+class _Discard(TwistedProtocol):
+    """Takes an upstream body nobody will read, and closes it at once."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
+
+class ProxyResource(ReverseProxyResource):
+    """
+    Forwards C{/v1/...} to one provider.
+
+    @param reactor: timers and the clock for timeouts.
+    @param upstream: the provider's base URL and header timeout.
+    @param client: the shared Agent, pool and concurrency cap.
+    @param validator: token, project and provider-key checks.
+    @param breaker: the provider's circuit breaker.
+    @param policy: see L{RequestPolicy}; L{OpenPolicy} when None.
+    @param observers: L{IRequestObserver}s, told when a request starts and ends.
+    @param taps: factories of per-chunk L{IBodyTap}s for each upstream body.
+    @param audit: told about every refused token (obfuscate before storing).
+    @param idle_timeout: longest silence between two upstream body chunks.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        upstream: Upstream,
+        client: UpstreamClientService,
+        validator: TokenValidator,
+        breaker: CircuitBreaker | None = None,
+        policy: RequestPolicy | None = None,
+        observers: Sequence[IRequestObserver] = (),
+        taps: Sequence[TapFactory] = (),
+        audit: AuditHook | None = None,
+        enforce_project_active: bool = True,
+        idle_timeout: float = 300.0,
+        max_request_capture: int = 65536,
+        max_response_capture: int = 262144,
+        cooperator: Cooperator | None = None,
+    ) -> None:
+        super().__init__(upstream.host, upstream.port, b"", reactor)
+        self.clock: IReactorTime = reactor
+        self.upstream = upstream
+        self.client = client
+        self.validator = validator
+        self.breaker = breaker or CircuitBreaker(reactor, name=upstream.name)
+        self.policy: RequestPolicy = policy or OpenPolicy()
+        self.observers = list(observers)
+        self.taps = list(taps)
+        self.audit = audit
+        self.enforce_project_active = enforce_project_active
+        self.idle_timeout = idle_timeout
+        self.max_request_capture = max_request_capture
+        self.max_response_capture = max_response_capture
+        self.cooperator = cooperator
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def render(self, request: Request) -> Any:  # type: ignore[override]
+        if not self.breaker.allow():
+            return json_error(request, 503, "Upstream unavailable (circuit breaker open)")
+        record = self._new_record(request)
+        self._notify("request_started", record)
+        if request.method == b"OPTIONS":
+            self.policy.preflight(request)
+            self._finish(request, record, b"")
+            return NOT_DONE_YET
+        denial = self.policy.check(request)
+        if denial is not None:
+            record.error_kind = "policy"
+            request.setHeader(b"X-Request-ID", record.request_id.encode())
+            self._error(
+                request, record, denial.status, denial.error, denial.code, denial.description
+            )
+            return NOT_DONE_YET
+        exchange = _Exchange()
+        request.notifyFinish().addErrback(exchange.lost)
+        d = defer.ensureDeferred(self._proxy(request, record, exchange))
+        d.addErrback(self._crashed, request, record)
+        return NOT_DONE_YET
+
+    def _new_record(self, request: Request) -> RequestRecord:
+        rid = str(uuid.uuid4())
+        request.request_id = rid  # type: ignore[attr-defined]
+        record = RequestRecord(
+            request_id=rid,
+            method=request.method.decode("latin-1"),
+            path=request.uri.split(b"?", 1)[0].decode("utf-8", "replace"),
+            received_at=time.monotonic(),
+            received_at_wall=time.time(),
+            client_ip=client_ip(request),
+            provider=self.upstream.name,
+        )
+        record.request_body = read_prefix(request.content, self.max_request_capture)
+        return record
+
+    # -- the proxied path --------------------------------------------------------------------
+
+    async def _proxy(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
+        presented: str | None = None
+        try:
+            presented = extract_bearer(request.getHeader(b"authorization"))
+            token = await self.validator.validate(presented)
+            record.token_id = token.id
+            record.project_id = token.project_id
+            record.token_hash = token.token_hash
+            if self.enforce_project_active:
+                await self.validator.check_project(token)
+            api_key = await self.validator.api_key(token)
+        except Rejection as rejection:
+            self._rejected(request, record, rejection, presented)
+            return
+        if exchange.client_gone:
+            self._client_left(record)
+            return
+        await self._forward(request, record, exchange, token, api_key)
+
+    def _rejected(
+        self,
+        request: Request,
+        record: RequestRecord,
+        rejection: Rejection,
+        presented: str | None,
+    ) -> None:
+        if rejection.token is not None:
+            record.token_id = rejection.token.id
+            record.project_id = rejection.token.project_id
+            record.token_hash = rejection.token.token_hash
+        record.error_kind = rejection.kind if rejection.kind != "dependency" else rejection.code
+        if self.audit is not None:
+            try:
+                self.audit(request, rejection, presented)
+            except Exception:
+                log.failure("auditing a refused proxy request failed")
+        self._error(
+            request,
+            record,
+            rejection.status,
+            rejection.error,
+            rejection.code,
+            rejection.description,
+        )
+
+    async def _forward(
+        self,
+        request: Request,
+        record: RequestRecord,
+        exchange: _Exchange,
+        token: Token,
+        api_key: str,
+    ) -> None:
+        semaphore = self.client.semaphore(self.upstream.name)
+        acquired = semaphore.acquire()
+        exchange.pending = acquired
+        try:
+            await acquired
+        except defer.CancelledError:
+            self._client_left(record)
+            return
+        try:
+            await self._exchange(request, record, exchange, token, api_key)
+        finally:
+            semaphore.release()
+
+    async def _exchange(
+        self,
+        request: Request,
+        record: RequestRecord,
+        exchange: _Exchange,
+        token: Token,
+        api_key: str,
+    ) -> None:
+        started_wall = time.time()
+        headers = upstream_request_headers(
+            request.requestHeaders,
+            uri=request.uri,
+            api_key=api_key,
+            project_id=token.project_id,
+            request_id=record.request_id,
+            peer_ip=getattr(request.getClientAddress(), "host", "") or "",
+            started_wall=started_wall,
+        )
+        producer, _ = body_producer(request.content, self.cooperator)
+        url = self.upstream.origin + request.uri
+        record.upstream_started_at = time.monotonic()
+        d = self.client.agent.request(request.method, url, headers, producer)
+        exchange.pending = d
+        timer = None
+        if self.upstream.response_header_timeout > 0:
+            timer = self.clock.callLater(
+                self.upstream.response_header_timeout, exchange.header_timeout
+            )
+        try:
+            response = await d
+        except Exception:
+            failure = Failure()
+            if exchange.client_gone:
+                self._client_left(record)
+                return
+            status, error, code, description = describe_failure(
+                failure, timed_out=exchange.timed_out
+            )
+            log.warn(
+                "upstream {provider} failed before answering: {code} ({why})",
+                provider=self.upstream.name,
+                code=code,
+                why=failure.getErrorMessage(),
+            )
+            record.error_kind = "upstream_timeout" if status == 504 else code
+            self._error(request, record, status, error, code, description)
+            return
+        finally:
+            exchange.pending = None
+            if timer is not None and timer.active():
+                timer.cancel()
+        record.upstream_headers_at = time.monotonic()
+        headers_wall = time.time()
+        record.status = response.code
+        if exchange.client_gone:
+            response.deliverBody(_Discard())
+            self._client_left(record)
+            return
+        streamed = is_event_stream(response.headers)
+        record.streamed = streamed
+        request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        copy_response_headers(response.headers, out)
+        out.setRawHeaders(b"X-Proxy", [PROXY_NAME])
+        out.setRawHeaders(b"X-Request-ID", [record.request_id.encode()])
+        out.setRawHeaders(b"X-Proxy-Received-At", [rfc3339_ns(record.received_at_wall)])
+        out.setRawHeaders(b"X-Proxy-First-Response-At", [rfc3339_ns(headers_wall)])
+        out.setRawHeaders(b"X-Proxy-Final-Response-At", [rfc3339_ns(headers_wall)])
+        out.setRawHeaders(b"X-Upstream-Request-Stop", [unix_ns(headers_wall)])
+        if not streamed:
+            out.setRawHeaders(b"X-Upstream-Request-Start", [unix_ns(started_wall)])
+        self.policy.cors_headers(request)
+        record.response_headers = list(_flat_headers(out))
+        taps = self._taps(record, response)
+        relay = BodyRelay(
+            request,
+            self.clock,
+            self.idle_timeout,
+            taps=taps,
+            capture_limit=self.max_response_capture,
+        )
+        exchange.relay = relay
+        response.deliverBody(relay)
+        kind = await relay.done
+        for tap in taps:
+            try:
+                tap.body_ended(kind is None)
+            except Exception:
+                log.failure("body tap failed at the end of the body")
+        record.bytes_sent = relay.bytes_relayed
+        record.response_body = relay.captured_body
+        if kind is not None:
+            record.error_kind = kind
+        if kind == CLIENT_ABORTED:
+            self._client_left(record, status=record.status)
+        else:
+            self._done(record, record.status)
+
+    def _taps(self, record: RequestRecord, response: Any) -> list[IBodyTap]:
+        taps: list[IBodyTap] = []
+        for factory in self.taps:
+            try:
+                tap = factory(record, response)
+            except Exception:
+                log.failure("making a body tap failed")
+                continue
+            if tap is not None:
+                taps.append(tap)
+        return taps
+
+    # -- answers and bookkeeping ---------------------------------------------------------
+
+    def _error(
+        self,
+        request: Request,
+        record: RequestRecord,
+        status: int,
+        error: str,
+        code: str,
+        description: str = "",
+    ) -> None:
+        body = json_error(request, status, error, code=code, description=description)
+        self.policy.cors_headers(request)
+        record.response_body = body[: self.max_response_capture]
+        self._finish(request, record, body)
+
+    def _finish(self, request: Request, record: RequestRecord, body: bytes) -> None:
+        """Write a complete local answer (if the client is still there) and close the record."""
+        record.status = request.code
+        if not getattr(request, "_disconnected", False) and not request.finished:
+            if body:
+                request.write(body)
+            request.finish()
+            record.bytes_sent = len(body)
+            record.response_headers = list(_flat_headers(request.responseHeaders))
+        else:
+            record.error_kind = record.error_kind or CLIENT_ABORTED
+        self._done(record, record.status)
+
+    def _client_left(self, record: RequestRecord, status: int = CLIENT_CLOSED) -> None:
+        record.error_kind = CLIENT_ABORTED
+        record.status = status
+        self._done(record, status)
+
+    def _done(self, record: RequestRecord, status: int) -> None:
+        record.finished_at = time.monotonic()
+        self.breaker.record(status)
+        self._notify("request_finished", record)
+
+    def _notify(self, method: str, record: RequestRecord) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(record)
+            except Exception:
+                log.failure("request observer {observer!r} failed", observer=observer)
+
+    def _crashed(self, failure: Failure, request: Request, record: RequestRecord) -> None:
+        log.failure("proxying {path} failed", failure, path=record.path)
+        record.error_kind = record.error_kind or "internal"
+        if request.startedWriting:
+            abort_client(request, self.clock)
+            self._done(record, 500)
+            return
+        self._error(request, record, 500, "Internal server error", "internal_error")
+
+
+def _flat_headers(headers: Any) -> Any:
+    for name, values in headers.getAllRawHeaders():
+        for value in values:
+            yield name, value

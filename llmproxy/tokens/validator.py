@@ -1,0 +1,286 @@
+"""
+Token validation on the proxy's hot path, with in-process caches.
+
+Validated tokens and projects are cached (bounded LRU, TTL as a backstop)
+and dropped the moment the management API announces a change through the
+L{InvalidationHub}, so a revoked token or a deactivated project is refused
+on the very next request. Tokens with a quota are counted atomically in
+the store on every request; unlimited ones through the L{UsageFlusher}.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import OrderedDict
+from typing import Any, Generic, TypeVar
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from llmproxy.invalidation import InvalidationHub
+from llmproxy.store.interface import IStore
+from llmproxy.store.records import Project, Token, UsageOutcome
+from llmproxy.tokens.format import hash_token, is_valid_format
+from llmproxy.tokens.usage import UsageFlusher
+
+log = Logger()
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class TTLCache(Generic[K, V]):
+    """A bounded LRU whose entries also carry the time they were stored."""
+
+    def __init__(self, clock: IReactorTime, max_entries: int) -> None:
+        self._clock = clock
+        self.max_entries = max_entries
+        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K, max_age: float) -> V | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        stored, value = entry
+        if self._clock.seconds() - stored >= max_age:
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if self.max_entries <= 0:
+            return
+        self._data[key] = (self._clock.seconds(), value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def pop(self, key: K) -> None:
+        self._data.pop(key, None)
+
+    def remove_where(self, predicate: Any) -> int:
+        doomed = [k for k, (_, v) in self._data.items() if predicate(v)]
+        for k in doomed:
+            del self._data[k]
+        return len(doomed)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@attrs.frozen
+class Rejection(Exception):
+    """Why a proxied request is refused: the exact JSON error for the client."""
+
+    status: int
+    error: str
+    code: str
+    description: str = ""
+    #: Short reason for logs, metrics and the audit trail.
+    kind: str = "auth"
+    token: Token | None = None
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code}"
+
+
+def _invalid(description: str) -> Rejection:
+    return Rejection(401, "Invalid token", "invalid_token", description)
+
+
+MISSING_TOKEN = _invalid("missing or invalid authorization header")
+
+
+def extract_bearer(authorization: bytes | None) -> str:
+    """
+    The token from C{Authorization: Bearer <token>}; the scheme is matched
+    case-insensitively and the rest trimmed. Raises L{Rejection}.
+    """
+    if not authorization:
+        raise MISSING_TOKEN
+    scheme, sep, rest = authorization.partition(b" ")
+    if not sep or scheme.lower() != b"bearer":
+        raise MISSING_TOKEN
+    return rest.strip().decode("utf-8", "replace")
+
+
+class TokenValidator:
+    """
+    Public API: L{validate} (token checks and usage), L{check_project}
+    (the project-active guard), L{api_key} (the provider key to send
+    upstream), L{invalidate} (subscribed to the hub).
+    """
+
+    def __init__(
+        self,
+        store: IStore,
+        clock: IReactorTime,
+        *,
+        usage: UsageFlusher | None = None,
+        hub: InvalidationHub | None = None,
+        token_cache_ttl: float = 300.0,
+        token_cache_max: int = 10000,
+        project_cache_ttl: float = 5.0,
+        api_key_cache_ttl: float = 30.0,
+        project_cache_max: int = 10000,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.usage = usage
+        self.token_cache_ttl = token_cache_ttl
+        self.project_cache_ttl = project_cache_ttl
+        self.api_key_cache_ttl = api_key_cache_ttl
+        self._tokens: TTLCache[str, Token] = TTLCache(clock, token_cache_max)
+        self._projects: TTLCache[str, Project] = TTLCache(clock, project_cache_max)
+        #: Bumped by every invalidation, so a lookup that started before a
+        #: change never caches what it read.
+        self._generation = 0
+        if hub is not None:
+            hub.subscribe(self.invalidate)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        store: IStore,
+        clock: IReactorTime,
+        *,
+        usage: UsageFlusher | None,
+        hub: InvalidationHub | None,
+    ) -> TokenValidator:
+        key_ttl = config.api_key_cache_ttl if config.api_key_cache_max > 0 else 0.0
+        return cls(
+            store,
+            clock,
+            usage=usage,
+            hub=hub,
+            token_cache_ttl=config.token_cache_ttl,
+            token_cache_max=config.token_cache_max,
+            project_cache_ttl=config.active_cache_ttl,
+            api_key_cache_ttl=key_ttl,
+            project_cache_max=max(config.active_cache_max, config.api_key_cache_max),
+        )
+
+    def now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+
+    # -- invalidation ------------------------------------------------------------------
+
+    def invalidate(self, kind: str, key: str) -> None:
+        """A token (by hash) or a project (by id) changed: forget what we know of it."""
+        self._generation += 1
+        if kind == "token":
+            self._tokens.pop(key)
+        elif kind == "project":
+            self._projects.pop(key)
+            self._tokens.remove_where(lambda t: t.project_id == key)
+        else:
+            self._tokens.clear()
+            self._projects.clear()
+
+    # -- tokens ------------------------------------------------------------------------
+
+    async def validate(self, presented: str) -> Token:
+        """
+        The reference's order: format, lookup, active, expiry, then quota
+        (atomic in the store) or batched usage. Raises L{Rejection}.
+        """
+        if not is_valid_format(presented):
+            raise _invalid("invalid token format: invalid token format")
+        token_hash = hash_token(presented)
+        token = self._tokens.get(token_hash, self.token_cache_ttl)
+        if token is None:
+            generation = self._generation
+            try:
+                token = await self.store.get_token_by_hash(token_hash)
+            except Exception as e:
+                log.failure("token lookup failed")
+                raise _invalid("failed to retrieve token") from e
+            if token is None:
+                raise Rejection(401, "Token not found", "token_not_found")
+            if generation == self._generation:
+                self._tokens.put(token_hash, token)
+        self._check_usable(token)
+        if token.max_requests is not None and token.max_requests > 0:
+            await self._count_limited(token)
+        elif self.usage is not None:
+            self.usage.add_request(token_hash, self.now())
+        return token
+
+    def _check_usable(self, token: Token) -> None:
+        if not token.is_active:
+            raise Rejection(401, "Token is inactive", "token_inactive", token=token)
+        if token.expires_at is not None and self.now() > token.expires_at:
+            raise Rejection(401, "Token has expired", "token_expired", token=token)
+
+    async def _count_limited(self, token: Token) -> None:
+        try:
+            outcome = await self.store.count_request(token.token_hash, self.now())
+        except Exception as e:
+            log.failure("counting a request against a token quota failed")
+            raise _invalid("failed to track token usage") from e
+        if outcome is UsageOutcome.OK:
+            return
+        # The store knows better than our cache: forget the cached record.
+        self._tokens.pop(token.token_hash)
+        if outcome is UsageOutcome.QUOTA_EXCEEDED:
+            raise Rejection(
+                429, "Rate limit exceeded", "rate_limit_exceeded", kind="quota", token=token
+            )
+        if outcome is UsageOutcome.INACTIVE:
+            raise Rejection(401, "Token is inactive", "token_inactive", token=token)
+        if outcome is UsageOutcome.EXPIRED:
+            raise Rejection(401, "Token has expired", "token_expired", token=token)
+        raise Rejection(401, "Token not found", "token_not_found", token=token)
+
+    # -- projects ----------------------------------------------------------------------
+
+    async def _project(self, project_id: str, max_age: float) -> Project | None:
+        project = self._projects.get(project_id, max_age) if max_age > 0 else None
+        if project is not None:
+            return project
+        generation = self._generation
+        project = await self.store.get_project(project_id)
+        if project is not None and generation == self._generation:
+            self._projects.put(project_id, project)
+        return project
+
+    async def check_project(self, token: Token) -> Project:
+        """The project-active guard. Raises L{Rejection} (403 or 503)."""
+        try:
+            project = await self._project(token.project_id, self.project_cache_ttl)
+        except Exception as e:
+            log.failure("project status lookup failed")
+            raise Rejection(
+                503,
+                "Service temporarily unavailable",
+                "service_unavailable",
+                kind="dependency",
+                token=token,
+            ) from e
+        if project is None or not project.is_active:
+            raise Rejection(403, "Project is inactive", "project_inactive", token=token)
+        return project
+
+    async def api_key(self, token: Token) -> str:
+        """The project's provider key. Raises L{Rejection} 503 when it cannot be had."""
+        try:
+            project = await self._project(token.project_id, self.api_key_cache_ttl)
+        except Exception:
+            log.failure("loading the upstream API key failed")
+            project = None
+        if project is None or not project.api_key:
+            raise Rejection(
+                503,
+                "Upstream authentication error",
+                "upstream_auth_error",
+                "failed to load upstream API key",
+                kind="dependency",
+                token=token,
+            )
+        return project.api_key

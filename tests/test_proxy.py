@@ -1,0 +1,651 @@
+"""
+The streaming proxy against a real in-process fake upstream, over real TCP
+(and TLS): forwarding, streaming, errors, timeouts, disconnects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import uuid
+from typing import Any
+
+import attrs
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from llmproxy.invalidation import InvalidationHub
+from llmproxy.proxy.breaker import CircuitBreaker
+from llmproxy.proxy.record import RequestRecord
+from llmproxy.proxy.resource import ProxyResource, Upstream
+from llmproxy.proxy.service import UpstreamClientService
+from llmproxy.store.memory import MemoryStore
+from llmproxy.store.records import Project, Token
+from llmproxy.testing.fake_upstream import FakeUpstream
+from llmproxy.testing.tls import make_test_pki
+from llmproxy.tokens.format import generate_token, hash_token, obfuscate_token
+from llmproxy.tokens.usage import UsageFlusher
+from llmproxy.tokens.validator import TokenValidator
+from llmproxy.web.app import WebApp
+from llmproxy.web.root import Root
+from llmproxy.web.site import LLMProxySite
+
+UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
+NOW = datetime.datetime.now(datetime.UTC)
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.started: list[RequestRecord] = []
+        self.finished: list[RequestRecord] = []
+        self.finished_d: list[defer.Deferred[RequestRecord]] = []
+
+    def request_started(self, record: RequestRecord) -> None:
+        self.started.append(record)
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.finished.append(record)
+        waiting, self.finished_d = self.finished_d, []
+        for d in waiting:
+            d.callback(record)
+
+    def next_finished(self) -> defer.Deferred[RequestRecord]:
+        d: defer.Deferred[RequestRecord] = defer.Deferred()
+        self.finished_d.append(d)
+        return d
+
+
+class ChunkCounter:
+    """A per-chunk tap that counts what it saw."""
+
+    def __init__(self) -> None:
+        self.chunks = 0
+        self.bytes = 0
+        self.ended: bool | None = None
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks += 1
+        self.bytes += len(chunk)
+
+    def body_ended(self, complete: bool) -> None:
+        self.ended = complete
+
+
+@attrs.define
+class Harness:
+    """A proxy listening on 127.0.0.1 in front of one upstream URL."""
+
+    store: MemoryStore
+    hub: InvalidationHub
+    usage: UsageFlusher
+    validator: TokenValidator
+    client: UpstreamClientService
+    resource: ProxyResource
+    site: LLMProxySite
+    url: str
+    observer: RecordingObserver
+    breaker: CircuitBreaker
+    breaker_clock: Clock
+    taps: list[ChunkCounter]
+    project: Project
+
+    def add_token(self, **kw: Any) -> tuple[str, Token]:
+        secret = generate_token()
+        fields: dict[str, Any] = dict(
+            id=str(uuid.uuid4()),
+            token_hash=hash_token(secret),
+            display=obfuscate_token(secret),
+            project_id=self.project.id,
+            is_active=True,
+            created_at=NOW,
+        )
+        fields.update(kw)
+        token = Token(**fields)
+        self.store.tokens[token.id] = token
+        return secret, token
+
+
+async def make_harness(
+    test: TestCase,
+    upstream_url: str,
+    *,
+    trust_root: Any = None,
+    header_timeout: float = 30.0,
+    idle_timeout: float = 300.0,
+    connect_timeout: float = 5.0,
+    max_concurrent: int = 100,
+    max_response_capture: int = 262144,
+) -> Harness:
+    store = MemoryStore()
+    project = Project(
+        id=str(uuid.uuid4()),
+        name="p1",
+        api_key=UPSTREAM_KEY,
+        is_active=True,
+        created_at=NOW,
+        updated_at=NOW,
+    )
+    await store.create_project(project)
+    hub = InvalidationHub()
+    usage = UsageFlusher(store, reactor, flush_interval=5.0)
+    validator = TokenValidator(store, reactor, usage=usage, hub=hub)
+    client = UpstreamClientService(
+        reactor,
+        max_per_host=max_concurrent,
+        connect_timeout=connect_timeout,
+        max_concurrent=max_concurrent,
+        trust_root=trust_root,
+    )
+    client.startService()
+    test.addCleanup(client.stopService)
+    observer = RecordingObserver()
+    breaker_clock = Clock()
+    breaker = CircuitBreaker(breaker_clock, threshold=5, cooldown=30.0, name="openai")
+    taps: list[ChunkCounter] = []
+
+    def tap_factory(record: RequestRecord, response: Any) -> ChunkCounter:
+        tap = ChunkCounter()
+        taps.append(tap)
+        return tap
+
+    resource = ProxyResource(
+        reactor=reactor,
+        upstream=Upstream("openai", upstream_url, header_timeout),
+        client=client,
+        validator=validator,
+        breaker=breaker,
+        observers=[observer],
+        taps=[tap_factory],
+        idle_timeout=idle_timeout,
+        max_response_capture=max_response_capture,
+    )
+    site = LLMProxySite(
+        Root(WebApp(clock=reactor).resource(), resource),
+        clock=reactor,
+        max_request_size=50 * 1024 * 1024,
+    )
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return Harness(
+        store=store,
+        hub=hub,
+        usage=usage,
+        validator=validator,
+        client=client,
+        resource=resource,
+        site=site,
+        url=f"http://127.0.0.1:{port.getHost().port}",
+        observer=observer,
+        breaker=breaker,
+        breaker_clock=breaker_clock,
+        taps=taps,
+        project=project,
+    )
+
+
+def client_agent(test: TestCase) -> Agent:
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    return Agent(reactor, pool=pool)
+
+
+def chat(stream: bool = False, **extra: Any) -> bytes:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    body.update(extra)
+    return json.dumps(body).encode()
+
+
+async def call(
+    agent: Agent,
+    url: str,
+    *,
+    method: bytes = b"POST",
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[bytes, list[bytes]] | None = None,
+) -> tuple[Any, bytes]:
+    from llmproxy.proxy.forward import BytesProducer
+
+    h = Headers(headers or {})
+    if token is not None:
+        h.setRawHeaders(b"authorization", [b"Bearer " + token.encode()])
+    if body is not None and not h.hasHeader(b"content-type"):
+        h.setRawHeaders(b"content-type", [b"application/json"])
+    producer = BytesProducer(body) if body is not None else None
+    response = await agent.request(method, url.encode(), h, producer)
+    collector = _Collector()
+    response.deliverBody(collector)
+    await collector.done
+    if not collector.reason.check(ResponseDone, PotentialDataLoss):
+        collector.reason.raiseException()
+    return response, collector.data
+
+
+def header(response: Any, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return values[0] if values else None
+
+
+class _Collector(Protocol):
+    """Reads a response body, remembering how it ended."""
+
+    def __init__(self, on_data: Any = None) -> None:
+        self.data = b""
+        self.reason: Any = None
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.on_data = on_data
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.on_data is not None:
+            self.on_data(self, data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.reason = reason
+        self.done.callback(None)
+
+
+class ForwardingTests(TestCase):
+    timeout = 30
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.fake = FakeUpstream(clock=reactor)
+        listening = self.fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        self.h = await make_harness(self, listening.url)
+        self.agent = client_agent(self)
+        self.secret, self.token = self.h.add_token()
+
+    async def test_chat_completion_passes_through(self) -> None:
+        response, body = await call(
+            self.agent, self.h.url + "/v1/chat/completions", token=self.secret, body=chat()
+        )
+        self.assertEqual(response.code, 200)
+        data = json.loads(body)
+        self.assertEqual(data["object"], "chat.completion")
+        self.assertEqual(data["model"], "gpt-4o")
+        self.assertEqual(header(response, "x-proxy"), "llm-proxy")
+        for name in (
+            "x-proxy-received-at",
+            "x-proxy-first-response-at",
+            "x-proxy-final-response-at",
+            "x-upstream-request-stop",
+            "x-upstream-request-start",
+        ):
+            self.assertIsNotNone(header(response, name), name)
+        seen = self.fake.last_request
+        self.assertEqual(seen.header("authorization"), "Bearer " + UPSTREAM_KEY)
+        self.assertEqual(seen.header("x-proxy"), "llm-proxy")
+        self.assertEqual(seen.header("x-proxy-version"), "0.1.0")
+        self.assertEqual(seen.header("x-proxy-id"), self.h.project.id)
+        self.assertEqual(seen.header("x-request-id"), header(response, "x-request-id"))
+        self.assertEqual(seen.header("x-forwarded-for"), "127.0.0.1")
+        self.assertTrue(seen.header("x-upstream-request-start").isdigit())  # type: ignore[union-attr]
+        self.assertEqual(json.loads(seen.body)["model"], "gpt-4o")
+
+    async def test_headers_replaced_stripped_and_repeated(self) -> None:
+        response, body = await call(
+            self.agent,
+            self.h.url + "/v1/chat/completions?fake_echo=1&x=1",
+            token=self.secret,
+            body=chat(),
+            headers={
+                b"x-request-id": [b"mine"],
+                b"x-real-ip": [b"10.0.0.1"],
+                b"x-forwarded-for": [b"1.2.3.4"],
+                b"cf-connecting-ip": [b"1.2.3.4"],
+                b"x-multi": [b"a", b"b"],
+                b"connection": [b"x-secret-hop"],
+                b"x-secret-hop": [b"1"],
+                b"openai-organization": [b"org-1"],
+            },
+        )
+        self.assertEqual(response.code, 200)
+        echo = json.loads(body)
+        seen = self.fake.last_request
+        self.assertEqual(echo["path"], "/v1/chat/completions")
+        self.assertIn("x=1", echo["query"])
+        self.assertNotEqual(seen.header("x-request-id"), "mine")
+        self.assertEqual(seen.header("x-request-id"), header(response, "x-request-id"))
+        self.assertIsNone(seen.header("x-real-ip"))
+        self.assertIsNone(seen.header("cf-connecting-ip"))
+        self.assertIsNone(seen.header("x-secret-hop"))
+        self.assertEqual(seen.header_values("x-forwarded-for"), ["127.0.0.1"])
+        self.assertEqual(seen.header_values("x-multi"), ["a", "b"])
+        self.assertEqual(seen.header("openai-organization"), "org-1")
+        self.assertEqual(seen.header_values("authorization"), ["Bearer " + UPSTREAM_KEY])
+
+    async def test_large_request_body_arrives_intact(self) -> None:
+        import hashlib
+
+        payload = json.dumps({"model": "gpt-4o", "input": "x" * (3 * 1024 * 1024)}).encode()
+        response, body = await call(
+            self.agent,
+            self.h.url + "/v1/embeddings?fake_echo=1",
+            token=self.secret,
+            body=payload,
+        )
+        self.assertEqual(response.code, 200)
+        echo = json.loads(body)
+        self.assertEqual(echo["body_length"], len(payload))
+        self.assertEqual(echo["body_sha256"], hashlib.sha256(payload).hexdigest())
+
+    async def test_upstream_status_passes_through(self) -> None:
+        response, body = await call(
+            self.agent,
+            self.h.url + "/v1/chat/completions",
+            token=self.secret,
+            body=chat(),
+            headers={b"x-fake-error-status": [b"418"]},
+        )
+        self.assertEqual(response.code, 418)
+        self.assertIn(b"error", body)
+        self.assertEqual(header(response, "x-proxy"), "llm-proxy")
+        self.assertIsNotNone(header(response, "x-upstream-request-stop"))
+
+    async def test_get_models(self) -> None:
+        response, body = await call(
+            self.agent, self.h.url + "/v1/models", method=b"GET", token=self.secret
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["object"], "list")
+        self.assertEqual(self.fake.last_request.method, b"GET")
+
+    async def test_preflight_needs_no_token(self) -> None:
+        response, body = await call(
+            self.agent, self.h.url + "/v1/anything", method=b"OPTIONS", body=None
+        )
+        self.assertEqual(response.code, 204)
+        self.assertEqual(self.fake.requests, [])
+
+    async def test_observer_sees_a_full_record(self) -> None:
+        finished = self.h.observer.next_finished()
+        response, body = await call(
+            self.agent, self.h.url + "/v1/chat/completions", token=self.secret, body=chat()
+        )
+        record = await finished
+        self.assertEqual(len(self.h.observer.started), 1)
+        self.assertEqual(record.status, 200)
+        self.assertEqual(record.provider, "openai")
+        self.assertEqual(record.project_id, self.h.project.id)
+        self.assertEqual(record.token_id, self.token.id)
+        self.assertEqual(record.token_hash, self.token.token_hash)
+        self.assertEqual(record.request_id, header(response, "x-request-id"))
+        self.assertEqual(record.response_body, body)
+        self.assertEqual(json.loads(record.request_body)["model"], "gpt-4o")
+        self.assertFalse(record.streamed)
+        self.assertIsNone(record.error_kind)
+        self.assertIsNotNone(record.upstream_ttfb)
+        self.assertIsNotNone(record.duration)
+        self.assertEqual(self.h.taps[0].bytes, len(body))
+        self.assertIs(self.h.taps[0].ended, True)
+
+    async def test_unlimited_usage_is_batched(self) -> None:
+        for _ in range(3):
+            await call(
+                self.agent, self.h.url + "/v1/chat/completions", token=self.secret, body=chat()
+            )
+        self.assertEqual(self.h.store.tokens[self.token.id].request_count, 0)
+        await self.h.usage.flush()
+        stored = self.h.store.tokens[self.token.id]
+        self.assertEqual(stored.request_count, 3)
+        self.assertIsNotNone(stored.last_used_at)
+
+
+class StreamingTests(TestCase):
+    timeout = 60
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.fake = FakeUpstream(clock=reactor)
+        listening = self.fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        self.h = await make_harness(self, listening.url, idle_timeout=2.0)
+        self.agent = client_agent(self)
+        self.secret, self.token = self.h.add_token()
+
+    async def open_stream(self, **knobs: str) -> Any:
+        h = Headers({b"authorization": [b"Bearer " + self.secret.encode()]})
+        h.setRawHeaders(b"content-type", [b"application/json"])
+        for k, v in knobs.items():
+            h.setRawHeaders(b"x-fake-" + k.replace("_", "-").encode(), [v.encode()])
+        from llmproxy.proxy.forward import BytesProducer
+
+        return await self.agent.request(
+            b"POST",
+            (self.h.url + "/v1/chat/completions").encode(),
+            h,
+            BytesProducer(chat(stream=True)),
+        )
+
+    async def test_events_arrive_as_the_upstream_sends_them(self) -> None:
+        response = await self.open_stream(chunks="5", chunk_delay_ms="300")
+        self.assertEqual(response.code, 200)
+        self.assertIn("text/event-stream", header(response, "content-type") or "")
+        self.assertIsNone(header(response, "x-upstream-request-start"))
+        sent_when_first_seen: list[int] = []
+
+        def on_data(collector: _Collector, data: bytes) -> None:
+            if not sent_when_first_seen and b"data:" in data:
+                sent_when_first_seen.append(self.fake.events_sent)
+
+        collector = _Collector(on_data)
+        response.deliverBody(collector)
+        await collector.done
+        self.assertTrue(collector.reason.check(ResponseDone, PotentialDataLoss))
+        events = [e for e in collector.data.split(b"\n\n") if e.startswith(b"data:")]
+        self.assertEqual(events[-1], b"data: [DONE]")
+        # 5 content events + role + finish + [DONE]: the first reached the client
+        # while the upstream had written only the first one or two.
+        self.assertLessEqual(sent_when_first_seen[0], 2)
+        self.assertGreater(self.fake.events_sent, 5)
+        record = self.h.observer.finished[-1]
+        self.assertTrue(record.streamed)
+        self.assertIsNone(record.error_kind)
+
+    async def test_client_disconnect_cancels_the_upstream_stream(self) -> None:
+        response = await self.open_stream(chunks="50", chunk_delay_ms="50")
+        finished = self.h.observer.next_finished()
+
+        def on_data(collector: _Collector, data: bytes) -> None:
+            if collector.data.count(b"data:") >= 3 and not hasattr(collector, "closed"):
+                collector.closed = True  # type: ignore[attr-defined]
+                collector.transport.stopProducing()  # type: ignore[union-attr]
+
+        collector = _Collector(on_data)
+        response.deliverBody(collector)
+        await collector.done
+        record = await finished
+        self.assertEqual(record.error_kind, "client_aborted")
+        # Give the upstream a moment to notice the closed connection.
+        for _ in range(50):
+            if self.fake.disconnects:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(self.fake.disconnects), 1)
+        self.assertLess(self.fake.disconnects[0].events_sent, 10)
+        self.assertEqual(self.fake.streams_completed, 0)
+
+    async def test_client_disconnect_before_headers_cancels_upstream(self) -> None:
+        h = Headers({b"authorization": [b"Bearer " + self.secret.encode()]})
+        h.setRawHeaders(b"x-fake-latency-ms", [b"3000"])
+        finished = self.h.observer.next_finished()
+        d = self.agent.request(b"GET", (self.h.url + "/v1/models").encode(), h)
+        for _ in range(100):
+            if self.fake.connections_opened:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        await deferLater(reactor, 0.1, lambda: None)
+        d.cancel()
+        with self.assertRaises(defer.CancelledError):
+            await d
+        record = await finished
+        self.assertEqual(record.error_kind, "client_aborted")
+        for _ in range(100):
+            if self.fake.connections_lost:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(self.fake.connections_lost, 1)
+
+    async def test_upstream_cut_aborts_the_client(self) -> None:
+        response = await self.open_stream(chunks="10", cut_after="3")
+        collector = _Collector()
+        response.deliverBody(collector)
+        await collector.done
+        # Not a clean end: the client sees a failed body, never ResponseDone.
+        self.assertFalse(collector.reason.check(ResponseDone, PotentialDataLoss))
+        self.assertEqual(collector.data.count(b"data:"), 3)
+        self.assertNotIn(b"[DONE]", collector.data)
+        record = self.h.observer.finished[-1]
+        self.assertEqual(record.error_kind, "upstream_cut")
+        self.assertIs(self.h.taps[-1].ended, False)
+
+    async def test_idle_upstream_is_cut_between_chunks(self) -> None:
+        # idle timeout is 2 s; events every 3 s: the second never comes through.
+        response = await self.open_stream(chunks="5", chunk_delay_ms="3000")
+        collector = _Collector()
+        response.deliverBody(collector)
+        await collector.done
+        self.assertFalse(collector.reason.check(ResponseDone, PotentialDataLoss))
+        self.assertEqual(self.h.observer.finished[-1].error_kind, "upstream_idle_timeout")
+
+    async def test_long_stream_is_not_limited_by_total_duration(self) -> None:
+        # 8 events 0.5 s apart = 4 s in total, longer than the 2 s idle timeout.
+        response = await self.open_stream(chunks="5", chunk_delay_ms="500")
+        collector = _Collector()
+        response.deliverBody(collector)
+        await collector.done
+        self.assertTrue(collector.reason.check(ResponseDone, PotentialDataLoss))
+        self.assertIn(b"data: [DONE]", collector.data)
+
+
+class UpstreamFailureTests(TestCase):
+    timeout = 30
+
+    async def test_connection_refused_is_502(self) -> None:
+        from llmproxy.testing.daemon import free_port
+
+        h = await make_harness(self, f"http://127.0.0.1:{free_port()}")
+        secret, _ = h.add_token()
+        response, body = await call(
+            client_agent(self), h.url + "/v1/chat/completions", token=secret, body=chat()
+        )
+        self.assertEqual(response.code, 502)
+        data = json.loads(body)
+        self.assertEqual(data["error"], "Proxy error")
+        self.assertEqual(data["code"], "upstream_unreachable")
+        self.assertEqual(h.observer.finished[-1].error_kind, "upstream_unreachable")
+
+    async def test_slow_headers_are_504(self) -> None:
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url, header_timeout=0.3)
+        secret, _ = h.add_token()
+        response, body = await call(
+            client_agent(self),
+            h.url + "/v1/chat/completions",
+            token=secret,
+            body=chat(),
+            headers={b"x-fake-latency-ms": [b"3000"]},
+        )
+        self.assertEqual(response.code, 504)
+        data = json.loads(body)
+        self.assertEqual((data["error"], data["code"]), ("Request timeout", "timeout"))
+        for _ in range(100):
+            if fake.connections_lost:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(fake.connections_lost, 1)
+
+    async def test_breaker_opens_after_five_failures_and_closes_after_cooldown(self) -> None:
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        url = h.url + "/v1/chat/completions"
+        failing = {b"x-fake-error-status": [b"504"]}
+        for _ in range(5):
+            response, _body = await call(agent, url, token=secret, body=chat(), headers=failing)
+            self.assertEqual(response.code, 504)
+        response, body = await call(agent, url, token=secret, body=chat())
+        self.assertEqual(response.code, 503)
+        self.assertEqual(json.loads(body), {"error": "Upstream unavailable (circuit breaker open)"})
+        self.assertEqual(len(fake.requests), 5)
+        # Even preflights and unauthenticated requests are refused while open.
+        response, _ = await call(agent, url, method=b"OPTIONS")
+        self.assertEqual(response.code, 503)
+        h.breaker_clock.advance(30)
+        response, _ = await call(agent, url, token=secret, body=chat())
+        self.assertEqual(response.code, 200)
+        self.assertEqual(len(fake.requests), 6)
+
+    async def test_success_resets_the_failure_count(self) -> None:
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        url = h.url + "/v1/chat/completions"
+        failing = {b"x-fake-error-status": [b"502"]}
+        for _ in range(4):
+            await call(agent, url, token=secret, body=chat(), headers=failing)
+        await call(agent, url, token=secret, body=chat())
+        for _ in range(4):
+            await call(agent, url, token=secret, body=chat(), headers=failing)
+        response, _ = await call(agent, url, token=secret, body=chat())
+        self.assertEqual(response.code, 200)
+
+
+class TLSTests(TestCase):
+    timeout = 30
+
+    async def test_verified_tls_upstream(self) -> None:
+        pki = make_test_pki()
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor, context_factory=pki.server_options())
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url, trust_root=pki.trust_root())
+        secret, _ = h.add_token()
+        response, body = await call(
+            client_agent(self), h.url + "/v1/chat/completions", token=secret, body=chat()
+        )
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["object"], "chat.completion")
+        self.assertEqual(fake.last_request.header("authorization"), "Bearer " + UPSTREAM_KEY)
+
+    async def test_wrong_host_certificate_is_502(self) -> None:
+        pki = make_test_pki()
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor, context_factory=pki.wrong_host_options())
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url, trust_root=pki.trust_root())
+        secret, _ = h.add_token()
+        response, body = await call(
+            client_agent(self), h.url + "/v1/chat/completions", token=secret, body=chat()
+        )
+        self.assertEqual(response.code, 502)
+        data = json.loads(body)
+        self.assertEqual(data["error"], "Proxy error")
+        self.assertEqual(data["code"], "upstream_tls_error")
+        self.assertEqual(fake.requests, [])
+
+    async def test_untrusted_ca_is_502(self) -> None:
+        pki = make_test_pki()
+        other = make_test_pki()
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor, context_factory=pki.server_options())
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url, trust_root=other.trust_root())
+        secret, _ = h.add_token()
+        response, body = await call(
+            client_agent(self), h.url + "/v1/chat/completions", token=secret, body=chat()
+        )
+        self.assertEqual(response.code, 502)
+        self.assertEqual(json.loads(body)["code"], "upstream_tls_error")
