@@ -41,6 +41,11 @@ class RequestRecord:
     #: upstream_cut, client_aborted, auth, quota, rate_limited, policy.
     error_kind: str | None = None
     request_body: bytes = b""
+    #: Full request body length when known (C{request_body} may be a prefix).
+    request_size: int | None = None
+    #: The proxy added C{stream_options.include_usage} (see
+    #: L{llmproxy.events.usage.prepare_request_body}): hide the usage chunk.
+    usage_injected: bool = False
     response_body: bytes = b""
     response_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     bytes_sent: int = 0
