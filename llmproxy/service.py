@@ -137,12 +137,10 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     start order; each component is constructed with what it needs.
     """
     from twisted.internet import endpoints
-    from twisted.web.resource import Resource
 
     from llmproxy.logging import make_observer, open_log_stream
     from llmproxy.tap import with_backlog
     from llmproxy.web.app import WebApp
-    from llmproxy.web.errors import json_error
     from llmproxy.web.root import Root
     from llmproxy.web.site import AccessLog
 
@@ -173,7 +171,7 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
 
     metrics = Metrics(reactor)  # components count through this
     # IRequestObserver list handed to the proxy resource (events and usage add theirs)
-    request_observers: list[Any] = [MetricsObserver(metrics)]  # noqa: F841
+    request_observers: list[Any] = [MetricsObserver(metrics)]
     install_metrics(web, config, metrics)
     invalidation = InvalidationHub()  # management announces, caches listen
     ratelimit_pool = None
@@ -192,14 +190,85 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         invalidation_bridge.setServiceParent(top)
         web.ready_checks.append(("invalidation_pubsub", invalidation_bridge.ready_check))
 
-    # -- proxy (/v1) -------------------------------------------------------------
-    class _ProxyUnavailable(Resource):
-        isLeaf = True
+    # -- audit writer and management API -------------------------------------------
+    from llmproxy.audit.writer import AuditWriterService
+    from llmproxy.web.manage import ManagementAPI
 
-        def render(self, request: Any) -> bytes:
-            return json_error(request, 501, "proxy not configured", code="not_implemented")
+    # audit.record(event) never waits; proxy refusals: audit.proxy_rejection_hook(audit, reactor)
+    audit = AuditWriterService(
+        reactor,
+        store=store if config.audit_store_in_db else None,
+        file_path=config.audit_log_file or None,
+        create_dir=config.audit_create_dir,
+        enabled=config.audit_enabled,
+        reactor=reactor,
+    )
+    audit.setServiceParent(top)  # stops after the web drain, before the store closes
+    management = ManagementAPI(
+        store,
+        audit,
+        invalidation,
+        config.management_token,
+        reactor,
+        max_body=min(config.max_request_size, 1024 * 1024),
+    )
+    web.mount("/manage/", management.resource())
 
-    proxy_resource: Any = _ProxyUnavailable()
+    # -- HTTP response cache -------------------------------------------------------
+    from llmproxy.cache.facade import CacheService, ResponseCache
+    from llmproxy.web.cache_purge import CachePurgeHandler
+
+    # ResponseCache the proxy consults; None when HTTP_CACHE_ENABLED=false
+    response_cache: ResponseCache | None = None
+    if config.http_cache_enabled:
+        response_cache = ResponseCache.from_config(config, reactor, metrics=metrics)
+        CacheService(response_cache).setServiceParent(top)
+        if response_cache.backend.name == "redis":
+            web.ready_checks.append(("cache_redis", response_cache.ping))
+    cache_purge = CachePurgeHandler(response_cache, config.management_token, reactor)
+    cache_purge.install(web)  # cache_purge.audit = the audit writer, once it is built
+
+    # -- proxy (/v1): usage counters, upstream client, the resource ---------------
+    from llmproxy.proxy.breaker import CircuitBreaker
+    from llmproxy.proxy.resource import ProxyResource, Upstream
+    from llmproxy.proxy.service import UpstreamClientService
+    from llmproxy.tokens.usage import UsageFlusher
+    from llmproxy.tokens.validator import TokenValidator
+
+    usage = UsageFlusher(
+        store,
+        reactor,
+        flush_interval=config.usage_flush_interval,
+        buffer_size=config.usage_stats_buffer_size,
+    )
+    usage.setServiceParent(top)  # stops after the web side: the last counts are written
+    upstream = Upstream("openai", config.openai_api_url, config.request_timeout)
+    upstream_client = UpstreamClientService(
+        reactor,
+        max_per_host=config.max_concurrent_requests,
+        connect_timeout=config.upstream_connect_timeout,
+        max_concurrent=config.max_concurrent_requests,
+    )
+    upstream_client.setServiceParent(top)
+    proxy_resource = ProxyResource(
+        reactor=reactor,
+        upstream=upstream,
+        client=upstream_client,
+        validator=TokenValidator.from_config(
+            config, store, reactor, usage=usage, hub=invalidation
+        ),
+        breaker=CircuitBreaker(
+            reactor,
+            threshold=config.circuit_breaker_threshold,
+            cooldown=config.circuit_breaker_cooldown,
+            name=upstream.name,
+        ),
+        observers=request_observers,
+        enforce_project_active=config.enforce_project_active,
+        idle_timeout=config.upstream_idle_timeout,
+        max_request_capture=config.observability_max_request_body_bytes,
+        max_response_capture=config.observability_max_response_body_bytes,
+    )
 
     # -- web -------------------------------------------------------------------
     site = LLMProxySite(
