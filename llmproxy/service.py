@@ -191,6 +191,7 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         web.ready_checks.append(("invalidation_pubsub", invalidation_bridge.ready_check))
 
     # -- audit writer and management API -------------------------------------------
+    from llmproxy.audit.events import proxy_rejection_hook
     from llmproxy.audit.writer import AuditWriterService
     from llmproxy.web.manage import ManagementAPI
 
@@ -226,7 +227,8 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         if response_cache.backend.name == "redis":
             web.ready_checks.append(("cache_redis", response_cache.ping))
     cache_purge = CachePurgeHandler(response_cache, config.management_token, reactor)
-    cache_purge.install(web)  # cache_purge.audit = the audit writer, once it is built
+    cache_purge.install(web)
+    cache_purge.audit = audit
 
     # -- proxy (/v1): usage counters, upstream client, the resource ---------------
     from llmproxy.proxy.breaker import CircuitBreaker
@@ -264,6 +266,7 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
             name=upstream.name,
         ),
         observers=request_observers,
+        audit=proxy_rejection_hook(audit, reactor),  # refused tokens are audited
         enforce_project_active=config.enforce_project_active,
         idle_timeout=config.upstream_idle_timeout,
         max_request_capture=config.observability_max_request_body_bytes,
