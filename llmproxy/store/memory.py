@@ -81,7 +81,9 @@ def audit_matches(event: AuditEvent, query: AuditQuery) -> bool:
         needle = query.search.lower()
         haystack = [getattr(event, name) or "" for name in _SEARCH_FIELDS]
         if event.details:
-            haystack.append(json.dumps(event.details, sort_keys=True))
+            haystack.append(
+                json.dumps(event.details, sort_keys=True, ensure_ascii=False, default=str)
+            )
         if not any(needle in h.lower() for h in haystack):
             return False
     return True
