@@ -151,3 +151,33 @@ class ManagementDaemonTests(SynchronousTestCase):
         self.assertEqual(d.terminate(), 0)
         with open(self.audit_path, encoding="utf-8") as f:
             self.assertNotIn(bogus, f.read())
+
+    def test_revocation_applies_to_the_next_proxied_request(self) -> None:
+        upstream_dir = os.path.join(self.workdir, "upstream")
+        os.makedirs(upstream_dir)
+        upstream = start_daemon(upstream_dir, {}, plugin="llmproxy-fake-upstream", health_path=None)
+        self.addCleanup(upstream.kill)
+        self.env["OPENAI_API_URL"] = upstream.url
+        d = self.start()
+        _, _, project = call(d, "POST", "/manage/projects", {"name": "p", "api_key": UPSTREAM_KEY})
+        _, _, token = call(
+            d, "POST", "/manage/tokens", {"project_id": project["id"], "duration_minutes": 5}
+        )
+        chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(2):  # the second answer comes from the validator's cache
+            status, _, body = call(d, "POST", "/v1/chat/completions", chat, token=token["token"])
+            self.assertEqual(status, 200, body)
+        self.assertEqual(call(d, "DELETE", f"/manage/tokens/{token['id']}")[0], 204)
+        status, _, body = call(d, "POST", "/v1/chat/completions", chat, token=token["token"])
+        self.assertEqual((status, body["code"]), (401, "token_inactive"))
+
+        _, _, second = call(
+            d, "POST", "/manage/tokens", {"project_id": project["id"], "duration_minutes": 5}
+        )
+        status, _, body = call(d, "POST", "/v1/chat/completions", chat, token=second["token"])
+        self.assertEqual(status, 200, body)
+        status, _, _ = call(d, "PATCH", f"/manage/projects/{project['id']}", {"is_active": False})
+        self.assertEqual(status, 200)
+        status, _, body = call(d, "POST", "/v1/chat/completions", chat, token=second["token"])
+        self.assertEqual((status, body["code"]), (403, "project_inactive"))
+        self.assertEqual(d.terminate(), 0)
