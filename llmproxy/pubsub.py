@@ -4,8 +4,9 @@ this instance's L{InvalidationHub} are published; messages from other
 instances are delivered to the local hub, so a revoked token or deactivated
 project is refused everywhere within a second. Messages carry the sender's
 instance id and own messages are ignored. While Redis is away the in-process
-cache TTLs bound how long a stale entry can live; the subscriber reconnects
-on its own when Redis returns.
+cache TTLs bound how long a stale entry can live, failed publishes are
+retried, and once the subscriber is back (it reconnects on its own) the
+local hub hears kind C{"all"}: anything may have changed meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import txredisapi
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
@@ -28,6 +29,9 @@ log = Logger()
 
 DEFAULT_CHANNEL = "llmproxy:invalidations"
 KINDS = frozenset({"token", "project"})
+#: Delivered to the local hub (kind, key ``""``) after the subscription was
+#: down: listeners should drop every cached entry.
+FLUSH_ALL = "all"
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
@@ -76,6 +80,9 @@ class RedisInvalidationBridge(service.Service):
         metrics: Any = None,
         channel: str = DEFAULT_CHANNEL,
         timeout: float = 0.5,
+        max_age: float = 300.0,
+        retry_interval: float = 0.5,
+        max_pending: int = 10_000,
     ) -> None:
         self.hub = hub
         self.address = address
@@ -84,6 +91,11 @@ class RedisInvalidationBridge(service.Service):
         self.metrics = metrics
         self.channel = channel
         self.timeout = timeout
+        self.max_age = max_age
+        self.retry_interval = retry_interval
+        self.max_pending = max_pending
+        self._pending: dict[tuple[str, str], float] = {}
+        self._retry: task.LoopingCall | None = None
         self.instance_id = uuid.uuid4().hex
         self.subscribed = False
         self._pool: Any = None
@@ -98,6 +110,9 @@ class RedisInvalidationBridge(service.Service):
     def startService(self) -> None:
         super().startService()
         self._pool = connect(self.address, poolsize=1)
+        # Reconnect as quickly as the subscriber, so publishing resumes with it.
+        self._pool._factory.initialDelay = _SubscriberFactory.initialDelay
+        self._pool._factory.maxDelay = _SubscriberFactory.maxDelay
         self._factory = _SubscriberFactory(self, self.address.password)
         endpoint = endpoints.TCP4ClientEndpoint(
             self.reactor, self.address.host, self.address.port, timeout=2
@@ -113,6 +128,8 @@ class RedisInvalidationBridge(service.Service):
         factory, self._factory = self._factory, None
         pool, self._pool = self._pool, None
         self.subscribed = False
+        if self._retry is not None and self._retry.running:
+            self._retry.stop()
         if factory is not None:
             yield factory.disconnect()
         if pool is not None:
@@ -124,26 +141,58 @@ class RedisInvalidationBridge(service.Service):
         """Hub publisher: tell other instances (never raises, never waits)."""
         if self._pool is None:
             return
+        self._send(kind, key).addErrback(self._publish_failed, kind, key)
+
+    def _send(self, kind: str, key: str) -> defer.Deferred[Any]:
         message = json.dumps({"i": self.instance_id, "k": kind, "key": key})
         d = call_with_timeout(self._pool.publish(self.channel, message), self.timeout, self.clock)
-        d.addCallbacks(self._published, self._publish_failed)
+        d.addCallback(self._published)
+        return d  # type: ignore[no-any-return]
 
     def _published(self, _: Any) -> None:
         if self.metrics is not None:
             self.metrics.invalidation("published")
 
-    def _publish_failed(self, failure: Any) -> None:
+    def _publish_failed(self, failure: Any, kind: str, key: str) -> None:
         if self.metrics is not None:
             self.metrics.redis_error("pubsub")
             self.metrics.invalidation("publish_failed")
         suppressed = self._publish_log.ready()
         if suppressed is not None:
             log.warn(
-                "publishing an invalidation to Redis failed ({error}); other instances "
-                "rely on their cache TTL ({suppressed} similar failures since the last message)",
+                "publishing an invalidation to Redis failed ({error}); retrying until Redis "
+                "is back ({suppressed} similar failures since the last message)",
                 error=failure.type.__name__,
                 suppressed=suppressed,
             )
+        if len(self._pending) < self.max_pending or (kind, key) in self._pending:
+            self._pending.setdefault((kind, key), self.clock.seconds())
+        if self._retry is None or not self._retry.running:
+            self._retry = task.LoopingCall(self._retry_pending)
+            self._retry.clock = self.clock
+            self._retry.start(self.retry_interval, now=False)
+
+    @defer.inlineCallbacks
+    def _retry_pending(self) -> Any:
+        """
+        Publish what failed before. Announcements older than C{max_age} (the
+        longest cache TTL) are dropped: every cache has expired them anyway.
+        """
+        if self._pool is None:
+            return
+        now = self.clock.seconds()
+        for item, first in list(self._pending.items()):
+            if now - first > self.max_age:
+                del self._pending[item]
+        for kind, key in list(self._pending):
+            try:
+                yield self._send(kind, key)
+            except Exception:
+                return  # still down; the next tick tries again
+            self._pending.pop((kind, key), None)
+        if not self._pending and self._retry is not None and self._retry.running:
+            self._retry.stop()
+            log.info("pending invalidations published after a Redis outage")
 
     # -- subscribing -----------------------------------------------------------
 
@@ -154,8 +203,11 @@ class RedisInvalidationBridge(service.Service):
     def _subscribed(self, _: Any) -> None:
         self.subscribed = True
         if self._was_lost:
-            log.info("invalidation subscriber reconnected to Redis")
+            # Announcements made while we were away are lost (pub/sub keeps
+            # nothing): let every cache drop what it holds.
+            log.info("invalidation subscriber reconnected to Redis; flushing local caches")
             self._was_lost = False
+            self.hub.deliver(FLUSH_ALL, "")
         waiters, self._subscribed_waiters = self._subscribed_waiters, []
         for w in waiters:
             w.callback(None)

@@ -57,7 +57,9 @@ def connect(address: RedisAddress, poolsize: int = 2, connect_timeout: float = 1
     return txredisapi.lazyConnectionPool(
         host=address.host,
         port=address.port,
-        dbid=address.db,
+        # No SELECT for database 0: txredisapi stops reconnecting for good when a
+        # SELECT fails (e.g. the connection drops while Redis restarts).
+        dbid=address.db or None,
         poolsize=poolsize,
         reconnect=True,
         password=address.password,
