@@ -10,7 +10,7 @@ import io
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IConsumer,
@@ -126,7 +126,7 @@ def body_producer(
         data = content.read()
         content.seek(0)
         return BytesProducer(data), length
-    producer = FileBodyProducer(content, cooperator or Cooperator(), readSize=65536)
+    producer = FileBodyProducer(content, cooperator or task, readSize=65536)
     return producer, length
 
 

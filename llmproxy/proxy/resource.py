@@ -32,6 +32,7 @@ from llmproxy.proxy.forward import (
     IBodyTap,
     TapFactory,
     abort_client,
+    body_length,
     body_producer,
     describe_failure,
     read_prefix,
@@ -261,6 +262,7 @@ class ProxyResource(ReverseProxyResource):
             provider=self.upstream.name,
         )
         record.request_body = read_prefix(request.content, self.max_request_capture)
+        record.request_size = body_length(request.content)
         return record
 
     # -- the proxied path --------------------------------------------------------------------

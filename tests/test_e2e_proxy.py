@@ -1,0 +1,260 @@
+"""
+End to end: a real C{twistd llmproxy} in front of the in-process fake
+upstream, driven by the official C{openai} SDK; answers must match what
+the fake gives when called directly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from twisted.internet import reactor, threads
+from twisted.trial.unittest import TestCase
+
+from llmproxy.config import Config
+from llmproxy.store.records import Project, Token
+from llmproxy.store.sql import make_store
+from llmproxy.testing.daemon import Daemon, start_daemon
+from llmproxy.testing.fake_upstream import FakeUpstream
+from llmproxy.tokens.format import generate_token, hash_token, obfuscate_token
+
+UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
+_VOLATILE = ("id", "created", "system_fingerprint")
+
+
+def normalise(value: Any) -> Any:
+    """Drop the fields the fake makes unique per call (ids, timestamps)."""
+    if isinstance(value, dict):
+        return {k: normalise(v) for k, v in value.items() if k not in _VOLATILE}
+    if isinstance(value, list):
+        return [normalise(v) for v in value]
+    return value
+
+
+async def seed_database(path: str, tokens: list[dict[str, Any]]) -> tuple[Project, list[str]]:
+    """Create a project and tokens in the daemon's SQLite file through the store API."""
+    config = Config.from_env({"DATABASE_PATH": path, "MANAGEMENT_TOKEN": "mt"})
+    store = make_store(config, reactor)
+    await store.open()
+    now = datetime.datetime.now(datetime.UTC)
+    project = Project(
+        id=str(uuid.uuid4()),
+        name="e2e",
+        api_key=UPSTREAM_KEY,
+        is_active=True,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        await store.create_project(project)
+        secrets = []
+        for fields in tokens:
+            secret = generate_token()
+            await store.create_token(
+                Token(
+                    id=str(uuid.uuid4()),
+                    token_hash=hash_token(secret),
+                    display=obfuscate_token(secret),
+                    project_id=project.id,
+                    is_active=True,
+                    created_at=now,
+                    **fields,
+                )
+            )
+            secrets.append(secret)
+    finally:
+        await store.close()
+    return project, secrets
+
+
+async def read_token(path: str, secret: str) -> Token | None:
+    config = Config.from_env({"DATABASE_PATH": path, "MANAGEMENT_TOKEN": "mt"})
+    store = make_store(config, reactor)
+    await store.open()
+    try:
+        return await store.get_token_by_hash(hash_token(secret))
+    finally:
+        await store.close()
+
+
+class EndToEndProxyTests(TestCase):
+    timeout = 120
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.fake = FakeUpstream(clock=reactor)
+        listening = self.fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        self.upstream_url = listening.url
+        self.workdir = os.path.abspath(self.mktemp())
+        os.makedirs(self.workdir)
+        self.db = os.path.join(self.workdir, "llmproxy.db")
+        self.project, secrets = await seed_database(
+            self.db, [{}, {"max_requests": 10}, {"max_requests": 2}]
+        )
+        self.token, self.limited, self.two = secrets
+        env = {
+            "MANAGEMENT_TOKEN": "mt",
+            "DATABASE_PATH": self.db,
+            "OPENAI_API_URL": self.upstream_url,
+            "API_CONFIG_PATH": os.path.join(self.workdir, "no-providers.yaml"),
+            "LOG_FORMAT": "text",
+            "ACCESS_LOG": "off",
+            "AUDIT_LOG_FILE": os.path.join(self.workdir, "audit.log"),
+            "USAGE_FLUSH_INTERVAL": "0.2",
+            "HTTP_CACHE_ENABLED": "false",
+        }
+        self.daemon: Daemon = await threads.deferToThread(start_daemon, self.workdir, env)
+        self.addCleanup(self._stop)
+
+    async def _stop(self) -> None:
+        status = await threads.deferToThread(self.daemon.terminate)
+        self.assertEqual(status, 0, self.daemon.log())
+
+    def sdk(self, base_url: str, api_key: str) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=base_url + "/v1", api_key=api_key, max_retries=0)
+
+    def in_thread(self, f: Any, *args: Any) -> Any:
+        return threads.deferToThread(f, *args)
+
+    async def test_sdk_chat_completion_matches_direct_call(self) -> None:
+        def both() -> tuple[Any, Any]:
+            kw = dict(model="gpt-4o", messages=[{"role": "user", "content": "hello there"}])
+            with (
+                self.sdk(self.daemon.url, self.token) as c1,
+                self.sdk(self.upstream_url, UPSTREAM_KEY) as c2,
+            ):
+                via = c1.chat.completions.create(**kw)
+                direct = c2.chat.completions.create(**kw)
+                return via.model_dump(), direct.model_dump()
+
+        via, direct = await self.in_thread(both)
+        self.assertEqual(normalise(via), normalise(direct))
+        proxied = self.fake.requests[0]
+        self.assertEqual(proxied.header("authorization"), "Bearer " + UPSTREAM_KEY)
+        self.assertEqual(proxied.header("x-proxy-id"), self.project.id)
+
+    async def test_sdk_streaming_matches_direct_call(self) -> None:
+        def both() -> tuple[list[Any], list[Any]]:
+            kw = dict(
+                model="gpt-4o",
+                messages=[{"role": "user", "content": "stream please"}],
+                stream=True,
+                extra_headers={"X-Fake-Chunks": "6", "X-Fake-Chunk-Delay-Ms": "20"},
+            )
+            with (
+                self.sdk(self.daemon.url, self.token) as c1,
+                self.sdk(self.upstream_url, UPSTREAM_KEY) as c2,
+            ):
+                via = [c.model_dump() for c in c1.chat.completions.create(**kw)]
+                direct = [c.model_dump() for c in c2.chat.completions.create(**kw)]
+                return via, direct
+
+        via, direct = await self.in_thread(both)
+        self.assertGreaterEqual(len(via), 6)
+        self.assertEqual(normalise(via), normalise(direct))
+        text = "".join((c["choices"][0]["delta"].get("content") or "") for c in via if c["choices"])
+        self.assertTrue(text)
+
+    async def test_sdk_embeddings_and_models(self) -> None:
+        def both() -> tuple[Any, Any, Any, Any]:
+            with (
+                self.sdk(self.daemon.url, self.token) as via,
+                self.sdk(self.upstream_url, UPSTREAM_KEY) as direct,
+            ):
+                kw = dict(model="text-embedding-3-small", input="abc")
+                e1 = via.embeddings.create(**kw).model_dump()
+                e2 = direct.embeddings.create(**kw).model_dump()
+                m1 = [m.id for m in via.models.list()]
+                m2 = [m.id for m in direct.models.list()]
+                return e1, e2, m1, m2
+
+        e1, e2, m1, m2 = await self.in_thread(both)
+        self.assertEqual(normalise(e1), normalise(e2))
+        self.assertEqual(m1, m2)
+
+    async def test_sdk_sees_auth_errors(self) -> None:
+        import openai
+
+        def call() -> Any:
+            with self.sdk(self.daemon.url, "sk-" + "A" * 22) as client:
+                try:
+                    client.models.list()
+                except openai.AuthenticationError as e:
+                    return e.status_code, e.response.json()
+            return None
+
+        status, body = await self.in_thread(call)
+        self.assertEqual(status, 401)
+        self.assertEqual(body["code"], "token_not_found")
+        self.assertEqual(self.fake.requests, [])
+
+    async def test_quota_is_exact_under_fifty_concurrent_requests(self) -> None:
+        url = self.daemon.url + "/v1/models"
+
+        def one() -> int:
+            req = urllib.request.Request(url, headers={"Authorization": "Bearer " + self.limited})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    r.read()
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                e.read()
+                return int(e.code)
+
+        def burst() -> list[int]:
+            start = threading.Barrier(50)
+
+            def synced() -> int:
+                start.wait()
+                return one()
+
+            with ThreadPoolExecutor(50) as pool:
+                return list(pool.map(lambda _: synced(), range(50)))
+
+        statuses = await self.in_thread(burst)
+        self.assertEqual(statuses.count(200), 10, statuses)
+        self.assertEqual(statuses.count(429), 40, statuses)
+        self.assertEqual(len(self.fake.requests), 10)
+        stored = await read_token(self.db, self.limited)
+        assert stored is not None
+        self.assertEqual(stored.request_count, 10)
+
+    async def test_quota_body_and_unlimited_usage_counted(self) -> None:
+        def calls() -> list[tuple[int, Any]]:
+            out = []
+            for secret in (self.two, self.two, self.two, self.token, self.token, self.token):
+                req = urllib.request.Request(
+                    self.daemon.url + "/v1/models", headers={"Authorization": "Bearer " + secret}
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        out.append((r.status, json.loads(r.read())))
+                except urllib.error.HTTPError as e:
+                    out.append((e.code, json.loads(e.read())))
+            return out
+
+        results = await self.in_thread(calls)
+        self.assertEqual([s for s, _ in results], [200, 200, 429, 200, 200, 200])
+        self.assertEqual(
+            results[2][1], {"error": "Rate limit exceeded", "code": "rate_limit_exceeded"}
+        )
+        # Unlimited counts are batched (flush every 0.2 s here) and written on stop.
+        await self._stop_now()
+        stored = await read_token(self.db, self.token)
+        assert stored is not None
+        self.assertEqual(stored.request_count, 3)
+        self.assertIsNotNone(stored.last_used_at)
+
+    async def _stop_now(self) -> None:
+        status = await threads.deferToThread(self.daemon.terminate)
+        self.assertEqual(status, 0, self.daemon.log())
