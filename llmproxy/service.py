@@ -190,6 +190,46 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         invalidation_bridge.setServiceParent(top)
         web.ready_checks.append(("invalidation_pubsub", invalidation_bridge.ready_check))
 
+    # -- audit writer and management API -------------------------------------------
+    from llmproxy.audit.events import proxy_rejection_hook
+    from llmproxy.audit.writer import AuditWriterService
+    from llmproxy.web.manage import ManagementAPI
+
+    # audit.record(event) never waits; proxy refusals: audit.proxy_rejection_hook(audit, reactor)
+    audit = AuditWriterService(
+        reactor,
+        store=store if config.audit_store_in_db else None,
+        file_path=config.audit_log_file or None,
+        create_dir=config.audit_create_dir,
+        enabled=config.audit_enabled,
+        reactor=reactor,
+    )
+    audit.setServiceParent(top)  # stops after the web drain, before the store closes
+    management = ManagementAPI(
+        store,
+        audit,
+        invalidation,
+        config.management_token,
+        reactor,
+        max_body=min(config.max_request_size, 1024 * 1024),
+    )
+    web.mount("/manage/", management.resource())
+
+    # -- HTTP response cache -------------------------------------------------------
+    from llmproxy.cache.facade import CacheService, ResponseCache
+    from llmproxy.web.cache_purge import CachePurgeHandler
+
+    # ResponseCache the proxy consults; None when HTTP_CACHE_ENABLED=false
+    response_cache: ResponseCache | None = None
+    if config.http_cache_enabled:
+        response_cache = ResponseCache.from_config(config, reactor, metrics=metrics)
+        CacheService(response_cache).setServiceParent(top)
+        if response_cache.backend.name == "redis":
+            web.ready_checks.append(("cache_redis", response_cache.ping))
+    cache_purge = CachePurgeHandler(response_cache, config.management_token, reactor)
+    cache_purge.install(web)
+    cache_purge.audit = audit
+
     # -- proxy (/v1): usage counters, upstream client, the resource ---------------
     from llmproxy.proxy.breaker import CircuitBreaker
     from llmproxy.proxy.resource import ProxyResource, Upstream
@@ -226,6 +266,7 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
             name=upstream.name,
         ),
         observers=request_observers,
+        audit=proxy_rejection_hook(audit, reactor),  # refused tokens are audited
         enforce_project_active=config.enforce_project_active,
         idle_timeout=config.upstream_idle_timeout,
         max_request_capture=config.observability_max_request_body_bytes,
