@@ -7,7 +7,7 @@ closes it last, after usage and audit have flushed.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import IO, Any
 
 from twisted.application import service
 from twisted.internet import defer
@@ -32,9 +32,12 @@ class StoreService(service.Service):
 
     name = "store"
 
-    def __init__(self, store: SQLStore, exit_on_error: bool = True) -> None:
+    def __init__(
+        self, store: SQLStore, exit_on_error: bool = True, stderr: IO[str] | None = None
+    ) -> None:
         self.store = store
         self.exit_on_error = exit_on_error
+        self.stderr = stderr
 
     def startService(self) -> None:
         try:
@@ -43,10 +46,11 @@ class StoreService(service.Service):
             self.store.close_blocking()
             if not self.exit_on_error:
                 raise
+            err = self.stderr or sys.stderr
             if isinstance(e, ConfigError):
-                sys.stderr.write(f"llmproxy: configuration error: {e}\n")
+                err.write(f"llmproxy: configuration error: {e}\n")
             else:
-                sys.stderr.write(
+                err.write(
                     f"llmproxy: cannot open the database: {type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else ''}\n"
                 )
