@@ -185,7 +185,13 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     invalidation_address = pubsub_address(config)
     if invalidation_address is not None:
         invalidation_bridge = RedisInvalidationBridge(
-            invalidation, invalidation_address, reactor, reactor, metrics=metrics
+            invalidation,
+            invalidation_address,
+            reactor,
+            reactor,
+            metrics=metrics,
+            # failed publishes are retried while some cache may still hold the entry
+            max_age=max(config.token_cache_ttl, config.active_cache_ttl, config.api_key_cache_ttl),
         )
         invalidation_bridge.setServiceParent(top)
         web.ready_checks.append(("invalidation_pubsub", invalidation_bridge.ready_check))
