@@ -36,6 +36,7 @@ from llmproxy.proxy.forward import (
     body_producer,
     describe_failure,
     read_prefix,
+    response_length,
 )
 from llmproxy.proxy.headers import (
     PROXY_NAME,
@@ -396,6 +397,11 @@ class ProxyResource(ReverseProxyResource):
         request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         copy_response_headers(response.headers, out)
+        length = response_length(response.length)
+        if length is not None and request.method != b"HEAD" and response.code not in (204, 304):
+            # The client parses Content-Length out of the headers; pass it on
+            # so the body is not re-chunked and a cut stays detectable.
+            out.setRawHeaders(b"Content-Length", [str(length).encode()])
         out.setRawHeaders(b"X-Proxy", [PROXY_NAME])
         out.setRawHeaders(b"X-Request-ID", [record.request_id.encode()])
         out.setRawHeaders(b"X-Proxy-Received-At", [rfc3339_ns(record.received_at_wall)])
