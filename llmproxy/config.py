@@ -754,11 +754,16 @@ class Config:
 
     @classmethod
     def from_env(
-        cls, environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+        cls,
+        environ: Mapping[str, str],
+        overrides: Mapping[str, Any] | None = None,
+        require_management_token: bool = True,
     ) -> Config:
         """
         Build a L{Config} from C{environ} (usually C{os.environ}) and
         C{overrides} (already-parsed values keyed by attribute name).
+        Commands that never serve HTTP (``llmproxy migrate``) pass
+        C{require_management_token=False}.
 
         @raise ConfigError: naming the first bad variable.
         """
@@ -775,11 +780,11 @@ class Config:
             if value is not None:
                 values[name] = value
         config = cls(**values)
-        config.validate()
+        config.validate(require_management_token)
         return config
 
-    def validate(self) -> None:
-        if not self.management_token:
+    def validate(self, require_management_token: bool = True) -> None:
+        if require_management_token and not self.management_token:
             raise ConfigError("MANAGEMENT_TOKEN: required (set a long random secret)")
         if self.db_driver in ("postgres", "mysql") and not self.database_url:
             raise ConfigError(f"DATABASE_URL: required when DB_DRIVER={self.db_driver}")
