@@ -11,9 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llmproxy.cache import MemoryCacheBackend, ResponseCache, serve_cached
+from llmproxy.cache import MemoryCacheBackend, ResponseCache
 from llmproxy.cache.interface import ICacheBackend
+from llmproxy.cache.proxying import answer_from_cache, prepare_store
 from llmproxy.metrics import Metrics
+from llmproxy.proxy.record import RequestRecord
 from tests.cache_suite import PUBLIC, CacheBehaviour, hdrs
 
 
@@ -70,8 +72,8 @@ class LRUTests(TestCase):
 
 class _MiniProxy(Resource):
     """
-    The smallest proxy that uses the cache as the real one will: lookup,
-    replay a hit with serve_cached, else ask the upstream and store.
+    The smallest proxy that uses the cache through the helpers the real one
+    calls: answer_from_cache, then prepare_store and the body tap.
     """
 
     isLeaf = True
@@ -82,38 +84,57 @@ class _MiniProxy(Resource):
         self.clock = clock
         self.upstream = upstream
         self.ids = iter(f"req-{i}" for i in range(1000))
+        self.usage = _Usage()
+        self.records: list[RequestRecord] = []
 
     def render(self, request: Any) -> Any:
-        request.content.seek(0)
-        body = request.content.read()
         request_id = next(self.ids)
+        record = RequestRecord(
+            request_id=request_id,
+            method=request.method.decode(),
+            path=request.path.decode(),
+            received_at=0.0,
+            received_at_wall=0.0,
+            project_id="p1",
+            token_hash="hash-of-token",
+        )
+        self.records.append(record)
 
         async def go() -> None:
-            result = await self.cache.lookup(
-                request.method, request.uri, request.requestHeaders, body, "p1"
+            result = await answer_from_cache(
+                self.cache,
+                request,
+                record,
+                self.clock,
+                usage=self.usage,
+                extra_headers=[(b"X-Proxy", b"llm-proxy")],
             )
             if result.served:
-                serve_cached(request, result, request_id, self.clock, [(b"X-Proxy", b"llm-proxy")])
                 return
-            status, headers, chunks, streaming = self.upstream()
-            plan = self.cache.plan(result, status, headers, streaming)
+            status, headers, chunks, streaming, complete = self.upstream()
             request.setResponseCode(status)
             for name, values in headers.getAllRawHeaders():
                 request.responseHeaders.setRawHeaders(name, values)
-            for name, value in plan.headers:
-                request.responseHeaders.setRawHeaders(name, [value])
             request.responseHeaders.setRawHeaders(b"x-request-id", [request_id.encode()])
-            capture = self.cache.capture(result, plan, status, headers)
+            tap = prepare_store(self.cache, result, request, record, status, headers, streaming)
             for c in chunks:
                 request.write(c)
-                if capture is not None:
-                    capture.write(c)
+                if tap is not None:
+                    tap.data_received(c)
+            if tap is not None:
+                tap.body_ended(complete)
             request.finish()
-            if capture is not None:
-                await capture.finish()
 
         defer.ensureDeferred(go())
         return NOT_DONE_YET
+
+
+class _Usage:
+    def __init__(self) -> None:
+        self.hits: list[str] = []
+
+    def add_cache_hit(self, token_hash: str) -> None:
+        self.hits.append(token_hash)
 
 
 class ServeCachedTests(SynchronousTestCase):
@@ -129,15 +150,17 @@ class ServeCachedTests(SynchronousTestCase):
         )
         self.upstream_calls = 0
         self.upstream_up = True
-        self.answer: tuple[int, Any, list[bytes], bool] = (
+        self.answer: tuple[int, Any, list[bytes], bool, bool] = (
             200,
             hdrs(dict(PUBLIC, ETag='"v1"')),
             [b'{"data":[1]}'],
             False,
+            True,
         )
-        self.client = StubTreq(_MiniProxy(self.cache, self.clock, self.upstream))
+        self.proxy = _MiniProxy(self.cache, self.clock, self.upstream)
+        self.client = StubTreq(self.proxy)
 
-    def upstream(self) -> tuple[int, Any, list[bytes], bool]:
+    def upstream(self) -> tuple[int, Any, list[bytes], bool, bool]:
         if not self.upstream_up:
             raise AssertionError("the upstream is stopped")
         self.upstream_calls += 1
@@ -172,6 +195,22 @@ class ServeCachedTests(SynchronousTestCase):
         received = h.getRawHeaders("x-proxy-received-at")[0]
         self.assertRegex(received, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
         self.assertEqual(self.metrics.counts["cache_hits"], 1)
+        self.assertEqual(self.proxy.usage.hits, ["hash-of-token"])
+        first_record, hit_record = self.proxy.records
+        self.assertEqual(first_record.cache_status, "stored")
+        self.assertEqual(hit_record.cache_status, "hit")
+        self.assertEqual(hit_record.status, 200)
+        self.assertEqual(hit_record.bytes_sent, len(body))
+
+    def test_cut_stream_not_stored(self) -> None:
+        chunks = [b"data: a\n\n"]
+        self.answer = (200, hdrs({"Content-Type": "text/event-stream"}), chunks, True, False)
+        opt_in = {"Cache-Control": "public, max-age=60"}
+        first, _ = self.get("POST", headers=opt_in, data=b"{}")
+        self.assertEqual(first.headers.getRawHeaders("x-cache-debug"), ["streaming-response"])
+        self.get("POST", headers=opt_in, data=b"{}")
+        self.assertEqual(self.upstream_calls, 2)
+        self.assertEqual(self.metrics.counts["cache_stores"], 0)
 
     def test_conditional_hit_is_304(self) -> None:
         self.get()
@@ -192,7 +231,7 @@ class ServeCachedTests(SynchronousTestCase):
 
     def test_stream_replayed_as_stream(self) -> None:
         chunks = [b"data: a\n\n", b"data: b\n\n", b"data: [DONE]\n\n"]
-        self.answer = (200, hdrs({"Content-Type": "text/event-stream"}), chunks, True)
+        self.answer = (200, hdrs({"Content-Type": "text/event-stream"}), chunks, True, True)
         opt_in = {"Cache-Control": "public, max-age=60"}
         first, body = self.get("POST", headers=opt_in, data=b"{}")
         self.assertEqual(body, b"".join(chunks))
