@@ -9,11 +9,13 @@ from __future__ import annotations
 import io
 import threading
 import uuid
+from typing import Any
 
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from twisted.internet import defer, reactor
+from twisted.logger import FilteringLogObserver, PredicateResult, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from llmproxy.config import Config, ConfigError
@@ -187,7 +189,23 @@ class PostgresConnectionTests(TestCase):
                 {"app": app},
             ).scalar_one()
         self.assertGreaterEqual(killed, 1)
-        self.assertEqual((await store.get_project(p.id)).name, p.name)
+        retried: list[dict[str, Any]] = []
+        observer = FilteringLogObserver(
+            retried.append,
+            [
+                lambda e: (
+                    PredicateResult.yes
+                    if e.get("log_namespace") == "llmproxy.store.sql"
+                    else PredicateResult.no
+                )
+            ],
+        )
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        results = await defer.gatherResults([store.get_project(p.id), store.list_projects()])
+        self.assertEqual(results[0].name, p.name)
+        self.assertEqual([x.id for x in results[1]], [p.id])
+        self.assertIn("connection was lost", " ".join(e["log_format"] for e in retried))
         t = await store.create_token(token(p.id))
         self.assertEqual(await store.count_request(t.token_hash, T0), UsageOutcome.OK)
 

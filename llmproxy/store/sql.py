@@ -30,6 +30,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -164,14 +165,23 @@ def sqlite_engine(path: str) -> Engine:
 
 
 def server_engine(
-    url: str, pool_size: int = 10, max_lifetime: float = 3600.0, connect_timeout: int = 5
+    url: str,
+    pool_size: int = 10,
+    max_lifetime: float = 3600.0,
+    connect_timeout: int = 5,
+    pre_ping: bool = False,
 ) -> Engine:
-    """An engine for PostgreSQL or MySQL with a pool that checks connections before use."""
+    """
+    An engine for PostgreSQL or MySQL. Connections are not pinged before
+    each use (a round trip per query on the hot path); instead a query that
+    finds its connection dead is retried once on a fresh one (L{SQLStore}),
+    and SQLAlchemy then recycles every connection older than the failure.
+    """
     return sa.create_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=max_lifetime if max_lifetime > 0 else -1,
         pool_timeout=30,
         connect_args={"connect_timeout": connect_timeout},
@@ -480,7 +490,7 @@ class SQLStore:
 
     def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
         if self._closed:
-            raise RuntimeError("store is closed")
+            return defer.fail(RuntimeError("the store is closed"))
         self.start()
         return deferToThreadPool(self.reactor, self.pool, self._call, fn, *args)
 
@@ -809,9 +819,8 @@ class SQLStore:
         return self._run(select)
 
     def close(self) -> Deferred[None]:
-        if self._closed:
-            from twisted.internet import defer
-
+        if self._closed or not self.pool.started:
+            self.close_blocking()
             return defer.succeed(None)
         d = deferToThreadPool(self.reactor, self.pool, self.engine.dispose)
 
