@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 from typing import Any
 
 from twisted.application import service
@@ -82,7 +83,7 @@ class RedisRateLimiter:
                 result = yield self._degraded(key, limit, window, reset)
                 return result
             self._retry_at = now + self.retry_interval  # this check probes Redis
-        ttl = max(1, int(reset)) + 1
+        ttl = max(1, math.ceil(window)) + 1  # the window plus a second, as the Go llm-proxy
         try:
             d = self.pool.eval(INCR_SCRIPT, [self.redis_key(key, start)], [ttl])
             count = yield call_with_timeout(d, self.timeout, self.clock)
