@@ -196,6 +196,17 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         invalidation_bridge.setServiceParent(top)
         web.ready_checks.append(("invalidation_pubsub", invalidation_bridge.ready_check))
 
+    # -- event bus (instrumentation: one event per proxied request) ----------------
+    from llmproxy.events.service import READY_CHECK_NAME, build_event_bus
+
+    events = build_event_bus(config, reactor, metrics)
+    events.service.setServiceParent(top)  # stops after the web drain: queued events go out
+    if events.ready_check is not None:  # Redis Streams: /ready reports an outage
+        web.ready_checks.append((READY_CHECK_NAME, events.ready_check))
+    # IRequestObserver: request_finished(record) -> event -> bus (never blocks the response)
+    event_publisher = events.publisher
+    request_observers.append(event_publisher)
+
     # -- audit writer and management API -------------------------------------------
     from llmproxy.audit.events import proxy_rejection_hook
     from llmproxy.audit.writer import AuditWriterService
