@@ -6,7 +6,7 @@ the drain timeout), then usage, audit and events flush, the store last.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -261,10 +261,17 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         buffer_size=config.usage_stats_buffer_size,
     )
     usage.setServiceParent(top)  # stops after the web side: the last counts are written
-    upstream = Upstream("openai", config.openai_api_url, config.request_timeout)
+    from llmproxy.proxy.policy import ProviderPolicy
+    from llmproxy.proxy.providers import load_providers
+
+    # API_CONFIG_PATH (or the built-in OpenAI provider when the file is missing);
+    # a broken file raises ConfigError here
+    provider = load_providers(config)
+    upstream = Upstream(provider.name, provider.origin, provider.timeouts.response_header)
     upstream_client = UpstreamClientService(
         reactor,
-        max_per_host=config.max_concurrent_requests,
+        max_per_host=provider.connection.max_persistent_per_host,
+        idle_connection_timeout=provider.timeouts.idle_connection,
         connect_timeout=config.upstream_connect_timeout,
         max_concurrent=config.max_concurrent_requests,
     )
@@ -282,10 +289,12 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
             cooldown=config.circuit_breaker_cooldown,
             name=upstream.name,
         ),
+        # PolicyError has PolicyDenial's fields (status, error, code, description)
+        policy=cast(Any, ProviderPolicy.from_config(provider, config)),
         observers=request_observers,
         audit=proxy_rejection_hook(audit, reactor),  # refused tokens are audited
         enforce_project_active=config.enforce_project_active,
-        idle_timeout=config.upstream_idle_timeout,
+        idle_timeout=provider.idle_timeout(config),
         max_request_capture=config.observability_max_request_body_bytes,
         max_response_capture=config.observability_max_response_body_bytes,
     )
