@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from llmproxy.config import Config
 from llmproxy.invalidation import InvalidationHub
 from llmproxy.metrics import Metrics, sum_samples
 from llmproxy.pubsub import RedisInvalidationBridge
@@ -172,3 +173,32 @@ class MessageTests(SynchronousTestCase):
     def test_foreign_message_delivered(self) -> None:
         self.bridge.message_received(json.dumps({"i": "other", "k": "project", "key": "p1"}))
         self.assertEqual(self.heard, [("project", "p1")])
+
+
+class PubSubAddressTests(SynchronousTestCase):
+    def address(self, **env: str) -> Any:
+        from llmproxy.pubsub import pubsub_address
+
+        return pubsub_address(Config.from_env(dict({"MANAGEMENT_TOKEN": "mt"}, **env)))
+
+    def test_off_without_redis(self) -> None:
+        self.assertIsNone(self.address())
+        self.assertIsNone(self.address(HTTP_CACHE_BACKEND="redis", HTTP_CACHE_ENABLED="false"))
+
+    def test_on_when_redis_is_used(self) -> None:
+        for env in (
+            {"INVALIDATION_PUBSUB": "true"},
+            {"DISTRIBUTED_RATE_LIMIT_ENABLED": "true"},
+            {"LLM_PROXY_EVENT_BUS": "redis-streams"},
+            {"HTTP_CACHE_BACKEND": "redis"},
+        ):
+            address = self.address(REDIS_ADDR="redis.internal:6380", **env)
+            self.assertEqual((address.host, address.port), ("redis.internal", 6380), env)
+
+    def test_cache_only_uses_cache_url(self) -> None:
+        address = self.address(
+            HTTP_CACHE_BACKEND="redis", REDIS_CACHE_URL="redis://:pw@cache.internal:6390/3"
+        )
+        self.assertEqual(
+            (address.host, address.port, address.password), ("cache.internal", 6390, "pw")
+        )

@@ -199,3 +199,47 @@ class HeaderTests(SynchronousTestCase):
 
     def test_no_decision_no_headers(self) -> None:
         self.assertEqual(rate_limit_headers(None), [])
+
+
+class _DownPool:
+    """A Redis pool whose every call fails at once (connection refused)."""
+
+    def eval(self, *args: Any) -> Any:
+        from twisted.internet import defer
+
+        return defer.fail(ConnectionRefusedError("redis down"))
+
+
+class RedisDownLoggingTests(SynchronousTestCase):
+    def test_one_log_line_per_minute_and_a_metric_per_failure(self) -> None:
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+
+        def observer(event: dict[str, Any]) -> None:
+            if event.get("log_namespace") == "llmproxy.ratelimit.redis":
+                events.append(event)
+
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        clock = Clock()
+        metrics = Metrics(clock, process_metrics=False)
+        limiter = RedisRateLimiter(_DownPool(), clock, metrics=metrics, retry_interval=1.0)
+        for _ in range(100):  # 100 requests over 50 s, Redis probed every second
+            decision = self.successResultOf(limiter.check("tok", 5, 60))
+            self.assertTrue(decision.allowed)
+            clock.advance(0.5)
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        failures = sum_samples(metrics, "llm_proxy_redis_errors_total", {"component": "ratelimit"})
+        self.assertEqual(failures, 50)
+        self.assertEqual(
+            sum_samples(metrics, "llm_proxy_ratelimit_degraded_total", {"outcome": "fail_open"}),
+            100,
+        )
+        clock.advance(15)
+        self.successResultOf(limiter.check("tok", 5, 60))
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 2)
+        self.assertEqual(warnings[1]["suppressed"], 49)
+        self.assertNotIn("tok", str(warnings))
