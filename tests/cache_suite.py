@@ -153,6 +153,13 @@ class CacheBehaviour:
         self.assertFalse(stored)
         self.assertEqual((await self.lookup()).outcome, MISS)
 
+    async def test_response_no_cache_not_stored(self) -> None:
+        _, _, stored = await self.fetch(response={"Cache-Control": "public, max-age=60, no-cache"})
+        self.assertFalse(stored)
+        opt_in = {"Cache-Control": "public, max-age=30"}
+        _, _, stored = await self.fetch(request=opt_in, response={"Cache-Control": "no-cache"})
+        self.assertFalse(stored)
+
     async def test_error_status_not_stored(self) -> None:
         _, headers, stored = await self.fetch(status=500)
         self.assertFalse(stored)

@@ -108,6 +108,7 @@ class _MiniProxy(Resource):
                 self.clock,
                 usage=self.usage,
                 extra_headers=[(b"X-Proxy", b"llm-proxy")],
+                decorate=lambda r: r.setHeader(b"Access-Control-Allow-Origin", b"https://a"),
             )
             if result.served:
                 return
@@ -192,6 +193,7 @@ class ServeCachedTests(SynchronousTestCase):
         self.assertEqual(h.getRawHeaders("age"), ["5"])
         self.assertEqual(h.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(h.getRawHeaders("x-proxy"), ["llm-proxy"])
+        self.assertEqual(h.getRawHeaders("access-control-allow-origin"), ["https://a"])
         received = h.getRawHeaders("x-proxy-received-at")[0]
         self.assertRegex(received, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z$")
         self.assertEqual(self.metrics.counts["cache_hits"], 1)

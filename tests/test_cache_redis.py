@@ -127,3 +127,39 @@ class RedisOutageTests(TestCase):
         self.assertTrue(await self.fill())
         self.assertEqual((await self.outcome()).outcome, "hit")
         self.assertEqual(await self.cache.purge_prefix("/v1/"), 1)
+
+
+class RedisUrlListTests(TestCase):
+    timeout = 20
+
+    def setUp(self) -> None:
+        require_redis()
+        self.pool = connect(RedisAddress(REDIS_HOST, REDIS_PORT), poolsize=1)
+        self.addCleanup(self.pool.disconnect)
+        self.key_prefix = f"test-cache:{uuid.uuid4().hex}:"
+        self.addCleanup(self.remove_keys)
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+        self.cache = ResponseCache(
+            RedisCacheBackend(self.pool, self.clock, prefix=self.key_prefix), self.clock
+        )
+
+    async def remove_keys(self) -> None:
+        keys = await self.pool.keys(self.key_prefix + "*")
+        if keys:
+            await self.pool.delete(keys)
+
+    async def fill(self, uri: str, max_age: int) -> None:
+        result = await self.cache.lookup("GET", uri, hdrs(), None, "p")
+        rh = hdrs({"Cache-Control": f"public, max-age={max_age}"})
+        plan = self.cache.plan(result, 200, rh, streaming=False)
+        self.assertTrue(await self.cache.store(result, plan, 200, rh, b"x"))
+
+    async def test_expired_urls_leave_the_list(self) -> None:
+        await self.fill("/v1/short", 1)
+        await sleep(1.2)
+        for i in range(30):
+            await self.fill(f"/v1/long/{i % 3}", 60)
+        members = await self.pool.zrange(self.key_prefix + "urls", 0, -1)
+        self.assertNotIn("/v1/short\nGET", members)
+        self.assertEqual(len(members), 3)

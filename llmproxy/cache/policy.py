@@ -244,7 +244,7 @@ def decide_store(
     TTL (C{s-maxage}, C{max-age}, else C{default_ttl}) needs an explicit
     shared-cache directive because every proxied request is authorised; if
     the response gives none, the client's opt-in may force one. C{no-store},
-    C{private} and C{Vary: *} always win. Streams are stored only with
+    C{private}, C{no-cache} and C{Vary: *} always win. Streams are stored only with
     stream caching on and the client's opt-in.
     """
     if method not in ("GET", "HEAD", "POST"):
@@ -259,7 +259,14 @@ def decide_store(
         return StoreDecision(0)
     cc_value = header(response_headers, "cache-control")
     cc = cache_control(cc_value)
-    refused = "no-store" in cc or "private" in cc or vary_names(response_headers) is None
+    # no-cache (without field names) means "revalidate before every reuse":
+    # this cache never revalidates, so such answers are not kept.
+    refused = (
+        "no-store" in cc
+        or "private" in cc
+        or cc.get("no-cache", "") is None
+        or vary_names(response_headers) is None
+    )
     response_ttl = 0
     if "no-store" not in cc:
         smax, maxage = seconds(cc, "s-maxage"), seconds(cc, "max-age")

@@ -12,6 +12,7 @@ stays short:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -55,12 +56,14 @@ async def answer_from_cache(
     clock: IReactorTime,
     usage: Any = None,
     extra_headers: HeaderList | None = None,
+    decorate: Callable[[Request], object] | None = None,
 ) -> LookupResult:
     """
     Look C{request} up in the scope of C{record.project_id}. On a hit the
     answer is written and finished here (with C{record.request_id} as its
     own X-Request-ID), C{record} is filled (status, cache_status,
-    bytes_sent) and C{usage.add_cache_hit(record.token_hash)} is called; the
+    bytes_sent) and C{usage.add_cache_hit(record.token_hash)} is called
+    (C{extra_headers} and C{decorate}: see L{serve_cached}); the
     caller then only notifies its observers. Otherwise nothing was written:
     forward upstream, adding C{result.upstream_headers()} to the upstream
     request, and keep C{result} for L{prepare_store}.
@@ -80,7 +83,9 @@ async def answer_from_cache(
             usage.add_cache_hit(record.token_hash)
         except Exception:
             log.failure("counting a cache hit failed")
-    record.bytes_sent = serve_cached(request, result, record.request_id, clock, extra_headers)
+    record.bytes_sent = serve_cached(
+        request, result, record.request_id, clock, extra_headers, decorate
+    )
     record.response_headers = [
         (name, value)
         for name, values in request.responseHeaders.getAllRawHeaders()

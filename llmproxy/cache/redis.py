@@ -10,7 +10,9 @@ The Redis backend, shared by every instance. Layout under the key prefix:
   URL prefix purge is one C{ZRANGEBYLEX} away instead of a keyspace scan.
 
 Writes and purges are Lua scripts: atomic and one round trip each (the
-scripts touch keys they compute, so this layout needs a non-cluster Redis).
+scripts touch keys they compute, so this layout needs a non-cluster Redis,
+6.2 or later). Each write also checks two random URLs of the sorted set and
+drops those whose index has expired, so the set follows the live entries.
 Every call has a deadline; after a failure Redis is left alone for
 C{retry_interval} seconds (calls fail at once with L{CacheUnavailable}),
 then the next call probes it again.
@@ -48,6 +50,15 @@ if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) en
 redis.call('SADD', KEYS[2], ARGV[4])
 if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
 redis.call('ZADD', KEYS[3], 0, ARGV[5])
+-- keep the URL list from growing: drop a couple of URLs whose index expired
+for _, m in ipairs(redis.call('ZRANDMEMBER', KEYS[3], 2)) do
+  local sep = string.find(m, '\\n', 1, true)
+  if sep then
+    local url, method = string.sub(m, 1, sep - 1), string.sub(m, sep + 1)
+    local index = ARGV[7] .. redis.sha1hex(method .. '\\n' .. url)
+    if redis.call('EXISTS', index) == 0 then redis.call('ZREM', KEYS[3], m) end
+  end
+end
 return 1
 """
 
@@ -169,6 +180,7 @@ class RedisCacheBackend:
             entry.primary,
             f"{entry.url}\n{method}",
             MAX_VARIANTS,
+            self.prefix + "i:",
         ]
         yield self._call(lambda: self.pool.eval(PUT_SCRIPT, keys, args))
         return True

@@ -8,6 +8,7 @@ timing headers and the cache headers.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -41,10 +42,13 @@ def serve_cached(
     request_id: str,
     clock: IReactorTime,
     extra_headers: HeaderList | None = None,
+    decorate: Callable[[Request], object] | None = None,
 ) -> int:
     """
     Answer C{request} from C{result} (a hit or conditional hit) and finish
-    it. C{extra_headers} are set last (e.g. CORS echo headers, C{X-Proxy}).
+    it. C{extra_headers} are set after the stored and fresh headers (e.g.
+    C{X-Proxy}); C{decorate(request)} runs just before the body is written
+    (e.g. the proxy's CORS echo headers).
     Returns the number of body bytes written. The caller returns
     C{NOT_DONE_YET} from C{render} (or nothing, when called later).
     """
@@ -74,6 +78,8 @@ def serve_cached(
     ]
     for raw_name, raw_value in [*fresh, *(extra_headers or [])]:
         out.setRawHeaders(raw_name, [raw_value])
+    if decorate is not None:
+        decorate(request)
     written = 0
     if conditional or request.method == b"HEAD":
         if not conditional:
