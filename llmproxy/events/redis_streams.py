@@ -79,6 +79,8 @@ class RedisStreamsEventBus:
         self._call: IDelayedCall | None = None
         self._backoff = retry_initial
         self._stopping = False
+        self._stopped: defer.Deferred[None] | None = None
+        self._inflight = 0
         self._idle: list[defer.Deferred[None]] = []
         self._full_log = LogThrottle(clock, 60.0)
         self._down_log = LogThrottle(clock, 60.0)
@@ -86,7 +88,7 @@ class RedisStreamsEventBus:
     # -- publishing ---------------------------------------------------------------------
 
     def publish(self, event: dict[str, Any]) -> None:
-        if len(self._queue) >= self.capacity:
+        if self.queued >= self.capacity:
             self._drop(1, "buffer_full")
             suppressed = self._full_log.ready()
             if suppressed is not None:
@@ -102,6 +104,11 @@ class RedisStreamsEventBus:
         if self.metrics is not None:
             self.metrics.event_published()
         self._kick()
+
+    @property
+    def queued(self) -> int:
+        """Events not yet in Redis (waiting, or being sent)."""
+        return len(self._queue) + self._inflight
 
     def _drop(self, count: int, reason: str) -> None:
         self.dropped += count
@@ -141,9 +148,13 @@ class RedisStreamsEventBus:
             self._back()
         while self._queue:
             events = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
-            results = await defer.DeferredList(
-                [self._xadd(event) for event in events], consumeErrors=True
-            )
+            self._inflight = len(events)
+            try:
+                results = await defer.DeferredList(
+                    [self._xadd(event) for event in events], consumeErrors=True
+                )
+            finally:
+                self._inflight = 0
             failed = [event for event, (ok, _) in zip(events, results, strict=True) if not ok]
             self.sent += len(events) - len(failed)
             if failed:
@@ -176,7 +187,7 @@ class RedisStreamsEventBus:
             log.warn(
                 "event bus Redis unavailable ({error}); {queued} event(s) buffered, retrying",
                 error=getattr(failure, "getErrorMessage", lambda: str(failure))(),
-                queued=len(self._queue),
+                queued=self.queued,
             )
 
     def _back(self) -> None:
@@ -195,7 +206,7 @@ class RedisStreamsEventBus:
         def failed(failure: Any) -> None:
             raise EventBusUnavailable(
                 f"Redis not answering ({type(failure.value).__name__}); "
-                f"{len(self._queue)} event(s) buffered"
+                f"{self.queued} event(s) buffered"
             )
 
         d = call_with_timeout(self.pool.ping(), self.timeout, self.clock)
@@ -218,6 +229,8 @@ class RedisStreamsEventBus:
 
     def stop(self) -> defer.Deferred[None]:
         """Send what is queued (for at most C{stop_timeout} s), then disconnect."""
+        if self._stopped is not None:
+            return self._stopped
         self._stopping = True
 
         async def stop() -> None:
@@ -246,7 +259,8 @@ class RedisStreamsEventBus:
                 except Exception:
                     pass
 
-        return defer.ensureDeferred(stop())
+        self._stopped = defer.ensureDeferred(stop())
+        return self._stopped
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -254,7 +268,7 @@ class RedisStreamsEventBus:
             "published": self.published,
             "dropped": self.dropped,
             "sent": self.sent,
-            "queued": len(self._queue),
+            "queued": self.queued,
             "redis_available": self.available,
         }
 
