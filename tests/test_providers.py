@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import urllib.error
+import urllib.request
+from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import reactor, threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 import llmproxy
 from llmproxy.config import Config, ConfigError
@@ -15,6 +20,8 @@ from llmproxy.proxy.providers import (
     load_providers_config,
     parse_providers,
 )
+from llmproxy.testing.daemon import start_daemon
+from llmproxy.testing.fake_upstream import FakeUpstream
 
 SHIPPED = os.path.join(os.path.dirname(llmproxy.__file__), "data", "api_providers.yaml")
 
@@ -220,3 +227,138 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertEqual(ConnectionLimits(5, 20).max_persistent_per_host, 5)
         self.assertEqual(ConnectionLimits(0, 20).max_persistent_per_host, 20)
         self.assertEqual(ConnectionLimits(100, 0).max_persistent_per_host, 2)
+
+
+DAEMON_PROVIDERS = """
+default_api: openai
+apis:
+  openai:
+    base_url: {upstream}
+    allowed_endpoints: [/v1/chat/completions, /v1/models]
+    allowed_methods: [GET, POST]
+    timeouts:
+      request: 30s
+      response_header: 10s
+    param_whitelist:
+      model: [gpt-4o, "gpt-4o-*"]
+    allowed_origins: [https://ok.example]
+"""
+
+
+def http_call(
+    url: str, method: str = "GET", body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        req.add_header("Content-Type", "application/json; charset=utf-8")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+class ProvidersDaemonTests(TestCase):
+    """The real daemon serves the provider and policy of its providers file."""
+
+    timeout = 120
+
+    async def test_daemon_applies_the_providers_file(self) -> None:
+        from tests.test_e2e_proxy import UPSTREAM_KEY, seed_database
+
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        path = os.path.join(workdir, "providers.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(DAEMON_PROVIDERS.format(upstream=listening.url))
+        db = os.path.join(workdir, "llmproxy.db")
+        _, (token,) = await seed_database(db, [{}])
+        env = {
+            "MANAGEMENT_TOKEN": "mt",
+            "DATABASE_PATH": db,
+            "API_CONFIG_PATH": path,
+            "OPENAI_API_URL": "http://127.0.0.1:9",  # the file wins
+            "LOG_FORMAT": "text",
+            "ACCESS_LOG": "off",
+            "AUDIT_LOG_FILE": os.path.join(workdir, "audit.log"),
+            "HTTP_CACHE_ENABLED": "false",
+        }
+        daemon = await threads.deferToThread(start_daemon, workdir, env)
+        self.addCleanup(lambda: threads.deferToThread(daemon.terminate))
+        url = daemon.url
+        auth = {"Authorization": f"Bearer {token}"}
+
+        def calls() -> dict[str, tuple[int, Any, Any]]:
+            chat = "/v1/chat/completions"
+            return {
+                "unknown": http_call(url + "/v1/unknown", "POST", {}),
+                "delete": http_call(url + "/v1/models", "DELETE"),
+                "bad_model": http_call(url + chat, "POST", {"model": "claude-3"}),
+                "bad_origin": http_call(
+                    url + "/v1/models", headers={"Origin": "https://bad.example"}
+                ),
+                "preflight": http_call(
+                    url + "/v1/anything",
+                    "OPTIONS",
+                    headers={
+                        "Origin": "https://x.example",
+                        "Access-Control-Request-Headers": "Authorization, X-Foo",
+                    },
+                ),
+                "no_token": http_call(url + chat, "POST", {"model": "gpt-4o"}),
+                "ok": http_call(
+                    url + chat,
+                    "POST",
+                    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                    dict(auth, Origin="https://ok.example"),
+                ),
+            }
+
+        r = await threads.deferToThread(calls)
+        self.assertEqual(r["unknown"][0], 404)
+        self.assertEqual(json.loads(r["unknown"][2])["code"], "endpoint_not_found")
+        self.assertEqual(r["delete"][0], 405)
+        self.assertTrue(r["delete"][1]["X-Request-ID"])
+        self.assertEqual(r["bad_model"][0], 400)
+        self.assertTrue(
+            json.loads(r["bad_model"][2])["error"].startswith(
+                "Parameter 'model' value 'claude-3' is not allowed"
+            )
+        )
+        self.assertEqual(r["bad_origin"][0], 403)
+        self.assertEqual(r["bad_origin"][1]["Access-Control-Allow-Origin"], "https://bad.example")
+        self.assertIn("Origin", r["bad_origin"][1]["Vary"])
+        self.assertEqual(r["preflight"][0], 204)
+        self.assertEqual(r["preflight"][1]["Access-Control-Allow-Headers"], "Authorization, X-Foo")
+        self.assertEqual(r["preflight"][1]["Access-Control-Max-Age"], "86400")
+        self.assertEqual(r["no_token"][0], 401)
+        status, response_headers, body = r["ok"]
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["model"], "gpt-4o-mini")
+        self.assertEqual(response_headers["Access-Control-Allow-Origin"], "https://ok.example")
+        # only the accepted request reached the provider, with the project key
+        self.assertEqual(len(fake.requests), 1)
+        self.assertEqual(fake.last_request.header("authorization"), f"Bearer {UPSTREAM_KEY}")
+
+    async def test_broken_file_stops_the_daemon(self) -> None:
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        path = os.path.join(workdir, "providers.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("apis:\n  openai:\n    base_url: https://api.openai.com\n")
+        env = {
+            "MANAGEMENT_TOKEN": "mt",
+            "DATABASE_PATH": os.path.join(workdir, "llmproxy.db"),
+            "API_CONFIG_PATH": path,
+            "LOG_FORMAT": "text",
+        }
+        with self.assertRaises(RuntimeError) as ctx:
+            await threads.deferToThread(start_daemon, workdir, env)
+        message = str(ctx.exception)
+        self.assertIn("configuration error", message)
+        self.assertIn(path, message)
+        self.assertIn("apis.openai.allowed_endpoints: missing", message)
