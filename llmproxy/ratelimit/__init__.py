@@ -7,6 +7,7 @@ from llmproxy.ratelimit.http import (
     apply_rate_limit_headers,
     rate_limit_error,
     rate_limit_headers,
+    rate_limit_refusal,
 )
 from llmproxy.ratelimit.interface import Decision, IRateLimiter
 from llmproxy.ratelimit.memory import MemoryRateLimiter
@@ -23,4 +24,5 @@ __all__ = [
     "build_rate_limit_policy",
     "rate_limit_error",
     "rate_limit_headers",
+    "rate_limit_refusal",
 ]

@@ -31,6 +31,24 @@ def apply_rate_limit_headers(request: Request, decision: Decision | None) -> Non
         request.setHeader(name, value)
 
 
+def rate_limit_refusal(decision: Decision) -> tuple[int, str, str, str]:
+    """C{(status, error, code, description)} for a refused request."""
+    if decision.unavailable:
+        return (
+            503,
+            "Rate limiting unavailable",
+            "rate_limit_unavailable",
+            "redis unavailable for rate limiting",
+        )
+    return (
+        429,
+        "Rate limit exceeded",
+        "rate_limit_exceeded",
+        f"{decision.scope or 'request'} rate limit of {decision.limit} requests reached; "
+        f"retry after {decision.retry_after} s",
+    )
+
+
 def rate_limit_error(request: Request, decision: Decision) -> bytes:
     """
     Set the headers and status for a refused request and return the JSON
@@ -38,21 +56,12 @@ def rate_limit_error(request: Request, decision: Decision) -> bytes:
     unavailable and the limiter fails closed.
     """
     apply_rate_limit_headers(request, decision)
-    if decision.unavailable:
-        return json_error(
-            request,
-            503,
-            "Rate limiting unavailable",
-            code="rate_limit_unavailable",
-            description="redis unavailable for rate limiting",
-            retry_after=decision.retry_after,
-        )
+    status, error, code, description = rate_limit_refusal(decision)
     return json_error(
         request,
-        429,
-        "Rate limit exceeded",
-        code="rate_limit_exceeded",
-        description=f"{decision.scope or 'request'} rate limit of {decision.limit} "
-        f"requests reached; retry after {decision.retry_after} s",
+        status,
+        error,
+        code=code,
+        description=description,
         retry_after=decision.retry_after,
     )
