@@ -348,3 +348,23 @@ class ConfigToEngineTests(SynchronousTestCase):
             reactor,
         )
         self.assertIn("ENCRYPTION_KEY", str(e))
+
+
+class AbortedStartupTests(SynchronousTestCase):
+    def test_process_exits_when_startup_fails_after_the_store_opened(self) -> None:
+        """A later component refusing to start must not leave the process hanging."""
+        import subprocess
+        import sys
+
+        script = (
+            "import sys\n"
+            "from twisted.internet import reactor\n"
+            "from llmproxy.store.sql import SQLStore, sqlite_engine\n"
+            "s = SQLStore(sqlite_engine(sys.argv[1]), reactor)\n"
+            "s.run_blocking(s.prepare)\n"
+            "raise SystemExit(3)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, sqlite_url_for(self)], timeout=60, capture_output=True
+        )
+        self.assertEqual(done.returncode, 3)

@@ -330,6 +330,22 @@ def check_encryption_key(conn: Connection, cipher: KeyCipher | None) -> None:
 # -- the store -----------------------------------------------------------------
 
 
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    thread = threading.Thread(*args, **kwargs)
+    thread.daemon = True
+    return thread
+
+
+class DBThreadPool(ThreadPool):
+    """
+    The store's thread pool. Its threads are daemon threads: when startup
+    fails after the store opened (another component refuses to start), the
+    process must still exit; a normal stop joins them as usual.
+    """
+
+    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
+
+
 def _project_from_row(row: Any, cipher: KeyCipher | None) -> Project:
     api_key = row.api_key
     if cipher is not None:
@@ -466,7 +482,9 @@ class SQLStore:
         self.dialect = engine.dialect.name
         if threads is None:
             threads = 1 if self.dialect == "sqlite" else max(1, engine.pool.size())  # type: ignore[attr-defined]
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name=f"llmproxy-db-{self.dialect}")
+        self.pool = DBThreadPool(
+            minthreads=0, maxthreads=threads, name=f"llmproxy-db-{self.dialect}"
+        )
         self._closed = False
 
     # -- plumbing ------------------------------------------------------------------
