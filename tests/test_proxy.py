@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -480,7 +480,7 @@ class StreamingTests(TestCase):
             await deferLater(reactor, 0.01, lambda: None)
         await deferLater(reactor, 0.1, lambda: None)
         d.cancel()
-        with self.assertRaises(defer.CancelledError):
+        with self.assertRaises(ResponseNeverReceived):
             await d
         record = await finished
         self.assertEqual(record.error_kind, "client_aborted")
@@ -759,3 +759,37 @@ class AuthTests(TestCase):
             },
         )
         self.assertEqual(self.fake.requests, [])
+
+
+class CacheTests(TestCase):
+    timeout = 30
+
+    async def test_forced_public_get_is_served_from_the_cache(self) -> None:
+        from llmproxy.cache.facade import ResponseCache
+        from llmproxy.config import Config
+
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        h.resource.cache = ResponseCache.from_config(
+            Config.from_env({"MANAGEMENT_TOKEN": "mt"}), reactor
+        )
+        secret, token = h.add_token()
+        agent = client_agent(self)
+        forced = {b"cache-control": [b"public, max-age=30"]}
+        first, body1 = await call(
+            agent, h.url + "/v1/models", method=b"GET", token=secret, headers=forced
+        )
+        second, body2 = await call(agent, h.url + "/v1/models", method=b"GET", token=secret)
+        self.assertEqual((first.code, second.code), (200, 200))
+        self.assertEqual(body1, body2)
+        self.assertEqual(len(fake.requests), 1)
+        self.assertIn("stored", header(first, "cache-status") or "")
+        self.assertIn("hit", header(second, "cache-status") or "")
+        self.assertNotEqual(header(first, "x-request-id"), header(second, "x-request-id"))
+        self.assertEqual(h.observer.finished[-1].cache_status, "hit")
+        await h.usage.flush()
+        stored = h.store.tokens[token.id]
+        # The hit is a cache hit, not a request.
+        self.assertEqual((stored.request_count, stored.cache_hit_count), (1, 1))

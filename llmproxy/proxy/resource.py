@@ -25,6 +25,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
+from llmproxy.cache.facade import LookupResult, ResponseCache
+from llmproxy.cache.proxying import answer_from_cache, prepare_store
 from llmproxy.proxy.breaker import CircuitBreaker
 from llmproxy.proxy.forward import (
     CLIENT_ABORTED,
@@ -113,13 +115,29 @@ class PolicyDenial:
     description: str = ""
 
 
+class Denial(Protocol):
+    """What a policy refusal carries (L{llmproxy.proxy.policy.PolicyError} has it)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def error(self) -> str: ...
+
+    @property
+    def code(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+
 class RequestPolicy(Protocol):
     """The provider's request policy (allowed methods and paths, parameters, CORS)."""
 
     def preflight(self, request: Request) -> None:
         """Answer an OPTIONS preflight: status and headers (the body is empty)."""
 
-    def check(self, request: Request) -> PolicyDenial | None:
+    def check(self, request: Request) -> Denial | None:
         """Refuse a request before any token check, or None to let it through."""
 
     def cors_headers(self, request: Request) -> None:
@@ -132,7 +150,7 @@ class OpenPolicy:
     def preflight(self, request: Request) -> None:
         request.setResponseCode(204)
 
-    def check(self, request: Request) -> PolicyDenial | None:
+    def check(self, request: Request) -> Denial | None:
         return None
 
     def cors_headers(self, request: Request) -> None:
@@ -186,6 +204,8 @@ class ProxyResource(ReverseProxyResource):
     @param observers: L{IRequestObserver}s, told when a request starts and ends.
     @param taps: factories of per-chunk L{IBodyTap}s for each upstream body.
     @param audit: told about every refused token (obfuscate before storing).
+    @param cache: the response cache, consulted after the token and project
+        checks; None when caching is off.
     @param idle_timeout: longest silence between two upstream body chunks.
     """
 
@@ -203,6 +223,7 @@ class ProxyResource(ReverseProxyResource):
         observers: Sequence[IRequestObserver] = (),
         taps: Sequence[TapFactory] = (),
         audit: AuditHook | None = None,
+        cache: ResponseCache | None = None,
         enforce_project_active: bool = True,
         idle_timeout: float = 300.0,
         max_request_capture: int = 65536,
@@ -219,6 +240,7 @@ class ProxyResource(ReverseProxyResource):
         self.observers = list(observers)
         self.taps = list(taps)
         self.audit = audit
+        self.cache = cache
         self.enforce_project_active = enforce_project_active
         self.idle_timeout = idle_timeout
         self.max_request_capture = max_request_capture
@@ -270,14 +292,21 @@ class ProxyResource(ReverseProxyResource):
 
     async def _proxy(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
         presented: str | None = None
+        lookup: LookupResult | None = None
         try:
             presented = extract_bearer(request.getHeader(b"authorization"))
-            token = await self.validator.validate(presented)
+            token = await self.validator.validate(presented, count=False)
             record.token_id = token.id
             record.project_id = token.project_id
             record.token_hash = token.token_hash
             if self.enforce_project_active:
                 await self.validator.check_project(token)
+            if self.cache is not None and not exchange.client_gone:
+                lookup = await self._from_cache(request, record)
+                if lookup is not None and lookup.served:
+                    self._done(record, record.status)
+                    return
+            await self.validator.count(token)
             api_key = await self.validator.api_key(token)
         except Rejection as rejection:
             self._rejected(request, record, rejection, presented)
@@ -285,7 +314,24 @@ class ProxyResource(ReverseProxyResource):
         if exchange.client_gone:
             self._client_left(record)
             return
-        await self._forward(request, record, exchange, token, api_key)
+        await self._forward(request, record, exchange, token, api_key, lookup)
+
+    async def _from_cache(self, request: Request, record: RequestRecord) -> LookupResult | None:
+        """A cache hit is answered here (not counted as a request); else the lookup."""
+        assert self.cache is not None
+        try:
+            return await answer_from_cache(
+                self.cache,
+                request,
+                record,
+                self.clock,
+                usage=self.validator.usage,
+                extra_headers=[(b"X-Proxy", PROXY_NAME)],
+                decorate=self.policy.cors_headers,
+            )
+        except Exception:
+            log.failure("cache lookup failed; going upstream")
+            return None
 
     def _rejected(
         self,
@@ -320,6 +366,7 @@ class ProxyResource(ReverseProxyResource):
         exchange: _Exchange,
         token: Token,
         api_key: str,
+        lookup: LookupResult | None,
     ) -> None:
         semaphore = self.client.semaphore(self.upstream.name)
         acquired = semaphore.acquire()
@@ -330,7 +377,7 @@ class ProxyResource(ReverseProxyResource):
             self._client_left(record)
             return
         try:
-            await self._exchange(request, record, exchange, token, api_key)
+            await self._exchange(request, record, exchange, token, api_key, lookup)
         finally:
             semaphore.release()
 
@@ -341,6 +388,7 @@ class ProxyResource(ReverseProxyResource):
         exchange: _Exchange,
         token: Token,
         api_key: str,
+        lookup: LookupResult | None,
     ) -> None:
         started_wall = time.time()
         headers = upstream_request_headers(
@@ -352,6 +400,9 @@ class ProxyResource(ReverseProxyResource):
             peer_ip=getattr(request.getClientAddress(), "host", "") or "",
             started_wall=started_wall,
         )
+        if lookup is not None:
+            for name, value in lookup.upstream_headers():
+                headers.setRawHeaders(name, [value])
         producer, _ = body_producer(request.content, self.cooperator)
         url = self.upstream.origin + request.uri
         record.upstream_started_at = time.monotonic()
@@ -411,8 +462,18 @@ class ProxyResource(ReverseProxyResource):
         if not streamed:
             out.setRawHeaders(b"X-Upstream-Request-Start", [unix_ns(started_wall)])
         self.policy.cors_headers(request)
-        record.response_headers = list(_flat_headers(out))
         taps = self._taps(record, response)
+        if self.cache is not None and lookup is not None:
+            try:
+                cache_tap = prepare_store(
+                    self.cache, lookup, request, record, response.code, response.headers, streamed
+                )
+            except Exception:
+                log.failure("preparing to cache a response failed")
+                cache_tap = None
+            if cache_tap is not None:
+                taps.append(cache_tap)
+        record.response_headers = list(_flat_headers(out))
         relay = BodyRelay(
             request,
             self.clock,

@@ -185,10 +185,10 @@ class TokenValidator:
 
     # -- tokens ------------------------------------------------------------------------
 
-    async def validate(self, presented: str) -> Token:
+    async def validate(self, presented: str, count: bool = True) -> Token:
         """
-        The reference's order: format, lookup, active, expiry, then quota
-        (atomic in the store) or batched usage. Raises L{Rejection}.
+        The reference's order: format, lookup, active, expiry, then (with
+        C{count}) quota or usage, see L{count}. Raises L{Rejection}.
         """
         if not is_valid_format(presented):
             raise _invalid("invalid token format: invalid token format")
@@ -206,11 +206,20 @@ class TokenValidator:
             if generation == self._generation:
                 self._tokens.put(token_hash, token)
         self._check_usable(token)
+        if count:
+            await self.count(token)
+        return token
+
+    async def count(self, token: Token) -> None:
+        """
+        Count one request that goes upstream (cache hits are not counted):
+        atomically in the store for a token with a quota (429 when it is
+        used up), in the batched L{UsageFlusher} otherwise.
+        """
         if token.max_requests is not None and token.max_requests > 0:
             await self._count_limited(token)
         elif self.usage is not None:
-            self.usage.add_request(token_hash, self.now())
-        return token
+            self.usage.add_request(token.token_hash, self.now())
 
     def _check_usable(self, token: Token) -> None:
         if not token.is_active:
