@@ -283,6 +283,9 @@ class StreamTests(SynchronousTestCase):
     def test_include_usage(self) -> None:
         c = self.stream([("X-Fake-Chunks", "2")], stream_options={"include_usage": True})
         events = c.events()
+        self.assertEqual(len(events), 6)  # role, 2 content, finish, usage, [DONE]
+        for e in events[:4]:
+            self.assertIsNone(json.loads(e)["usage"])
         usage = json.loads(events[-2])
         self.assertEqual(usage["choices"], [])
         self.assertEqual(

@@ -11,7 +11,8 @@ Endpoints::
                                 stream of chat.completion.chunk events: a role
                                 chunk, N content chunks, a finish chunk, a usage
                                 chunk (choices: [], usage set) only when
-                                stream_options.include_usage is true, then
+                                stream_options.include_usage is true (then
+                                every other chunk has "usage": null), then
                                 "data: [DONE]"
     POST /v1/completions        text_completion (streams too)
     POST /v1/embeddings         deterministic vectors derived from the input,
@@ -554,8 +555,10 @@ class _Exchange:
                 )
             )
 
+        include_usage = (payload.get("stream_options") or {}).get("include_usage") is True
+
         def chunk(delta: dict, finish: str | None) -> dict:
-            return {
+            event = {
                 "id": cid,
                 "object": "chat.completion.chunk",
                 "created": created,
@@ -565,11 +568,15 @@ class _Exchange:
                     {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
                 ],
             }
+            if include_usage:
+                # as OpenAI: "usage": null on every chunk but the last
+                event["usage"] = None
+            return event
 
         events = [chunk({"role": "assistant", "content": ""}, None)]
         events += [chunk({"content": w}, None) for w in words]
         events.append(chunk({}, "stop"))
-        if (payload.get("stream_options") or {}).get("include_usage") is True:
+        if include_usage:
             last = chunk({}, None)
             last["choices"] = []
             last["usage"] = self._usage(prompt, len(words))
