@@ -6,7 +6,7 @@ the drain timeout), then usage, audit and events flush, the store last.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -270,7 +270,11 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     upstream = Upstream(provider.name, provider.origin, provider.timeouts.response_header)
     upstream_client = UpstreamClientService(
         reactor,
-        max_per_host=provider.connection.max_persistent_per_host,
+        # idle keep-alive connections kept: at least the concurrency, or every
+        # request above the provider's setting pays a new TLS handshake
+        max_per_host=max(
+            provider.connection.max_persistent_per_host, config.max_concurrent_requests
+        ),
         idle_connection_timeout=provider.timeouts.idle_connection,
         connect_timeout=config.upstream_connect_timeout,
         max_concurrent=config.max_concurrent_requests,
@@ -289,10 +293,11 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
             cooldown=config.circuit_breaker_cooldown,
             name=upstream.name,
         ),
-        # PolicyError has PolicyDenial's fields (status, error, code, description)
-        policy=cast(Any, ProviderPolicy.from_config(provider, config)),
+        policy=ProviderPolicy.from_config(provider, config),
         observers=request_observers,
         audit=proxy_rejection_hook(audit, reactor),  # refused tokens are audited
+        cache=response_cache,
+        rate_limits=rate_limits,
         enforce_project_active=config.enforce_project_active,
         idle_timeout=provider.idle_timeout(config),
         max_request_capture=config.observability_max_request_body_bytes,

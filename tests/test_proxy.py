@@ -793,3 +793,35 @@ class CacheTests(TestCase):
         stored = h.store.tokens[token.id]
         # The hit is a cache hit, not a request.
         self.assertEqual((stored.request_count, stored.cache_hit_count), (1, 1))
+
+
+class RateLimitTests(TestCase):
+    timeout = 30
+
+    async def test_token_rate_limit_refuses_with_headers(self) -> None:
+        from llmproxy.ratelimit.memory import MemoryRateLimiter
+        from llmproxy.ratelimit.policy import RateLimitPolicy
+
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        h.resource.rate_limits = RateLimitPolicy(
+            MemoryRateLimiter(reactor), window=60.0, token_limit=2
+        )
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        url = h.url + "/v1/chat/completions"
+        first, _ = await call(agent, url, token=secret, body=chat())
+        await call(agent, url, token=secret, body=chat())
+        third, body = await call(agent, url, token=secret, body=chat())
+        self.assertEqual(first.code, 200)
+        self.assertEqual(header(first, "ratelimit-limit"), "2")
+        self.assertEqual(third.code, 429)
+        data = json.loads(body)
+        self.assertEqual(
+            (data["error"], data["code"]), ("Rate limit exceeded", "rate_limit_exceeded")
+        )
+        self.assertIsNotNone(header(third, "retry-after"))
+        self.assertEqual(len(fake.requests), 2)
+        self.assertEqual(h.observer.finished[-1].error_kind, "rate_limited")

@@ -50,6 +50,8 @@ from llmproxy.proxy.headers import (
 )
 from llmproxy.proxy.record import IRequestObserver, RequestRecord
 from llmproxy.proxy.service import UpstreamClientService
+from llmproxy.ratelimit.http import apply_rate_limit_headers, rate_limit_refusal
+from llmproxy.ratelimit.policy import RateLimitPolicy
 from llmproxy.store.records import Token
 from llmproxy.tokens.validator import Rejection, TokenValidator, extract_bearer
 from llmproxy.web.errors import json_error
@@ -206,6 +208,8 @@ class ProxyResource(ReverseProxyResource):
     @param audit: told about every refused token (obfuscate before storing).
     @param cache: the response cache, consulted after the token and project
         checks; None when caching is off.
+    @param rate_limits: global / per-IP / per-token request rate limits,
+        checked once the token is known; None when none is configured.
     @param idle_timeout: longest silence between two upstream body chunks.
     """
 
@@ -224,6 +228,7 @@ class ProxyResource(ReverseProxyResource):
         taps: Sequence[TapFactory] = (),
         audit: AuditHook | None = None,
         cache: ResponseCache | None = None,
+        rate_limits: RateLimitPolicy | None = None,
         enforce_project_active: bool = True,
         idle_timeout: float = 300.0,
         max_request_capture: int = 65536,
@@ -241,6 +246,7 @@ class ProxyResource(ReverseProxyResource):
         self.taps = list(taps)
         self.audit = audit
         self.cache = cache
+        self.rate_limits = rate_limits if rate_limits is not None and rate_limits.enabled else None
         self.enforce_project_active = enforce_project_active
         self.idle_timeout = idle_timeout
         self.max_request_capture = max_request_capture
@@ -301,6 +307,8 @@ class ProxyResource(ReverseProxyResource):
             record.token_hash = token.token_hash
             if self.enforce_project_active:
                 await self.validator.check_project(token)
+            if self.rate_limits is not None:
+                await self._check_rate(request, record, token)
             if self.cache is not None and not exchange.client_gone:
                 lookup = await self._from_cache(request, record)
                 if lookup is not None and lookup.served:
@@ -315,6 +323,15 @@ class ProxyResource(ReverseProxyResource):
             self._client_left(record)
             return
         await self._forward(request, record, exchange, token, api_key, lookup)
+
+    async def _check_rate(self, request: Request, record: RequestRecord, token: Token) -> None:
+        """Count the request against the rate limits; raise L{Rejection} when refused."""
+        assert self.rate_limits is not None
+        decision = await self.rate_limits.check(client_ip=record.client_ip, token_id=token.id)
+        apply_rate_limit_headers(request, decision)
+        if decision is not None and not decision.allowed:
+            status, error, code, description = rate_limit_refusal(decision)
+            raise Rejection(status, error, code, description, kind="rate_limited", token=token)
 
     async def _from_cache(self, request: Request, record: RequestRecord) -> LookupResult | None:
         """A cache hit is answered here (not counted as a request); else the lookup."""
@@ -345,7 +362,7 @@ class ProxyResource(ReverseProxyResource):
             record.project_id = rejection.token.project_id
             record.token_hash = rejection.token.token_hash
         record.error_kind = rejection.kind if rejection.kind != "dependency" else rejection.code
-        if self.audit is not None:
+        if self.audit is not None and rejection.kind != "rate_limited":
             try:
                 self.audit(request, rejection, presented)
             except Exception:
