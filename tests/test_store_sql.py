@@ -368,3 +368,25 @@ class AbortedStartupTests(SynchronousTestCase):
             [sys.executable, "-c", script, sqlite_url_for(self)], timeout=60, capture_output=True
         )
         self.assertEqual(done.returncode, 3)
+
+
+class SQLiteReadersTests(TestCase):
+    async def test_odd_path_and_reads_during_writes(self) -> None:
+        """Reads use their own read-only connections and see every committed write."""
+        import os
+
+        base = os.path.abspath(self.mktemp())
+        path = os.path.join(base, "odd dir #1?x", "db file.db")
+        store = await open_store(self, "sqlite", path)
+        self.assertIsNotNone(store.read_engine)
+        p = await store.create_project(project())
+        work = []
+        for _ in range(40):
+            work.append(store.create_token(token(p.id, created_at=T0)))
+            work.append(store.list_tokens(project_id=p.id))
+            work.append(store.get_project(p.id))
+        await defer.gatherResults(work)
+        self.assertEqual(len(await store.list_tokens(project_id=p.id)), 40)
+        t = await store.create_token(token(p.id))
+        self.assertEqual(await store.get_token_by_hash(t.token_hash), t)
+        self.assertTrue(os.path.exists(path))

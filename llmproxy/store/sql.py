@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import re
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -154,13 +155,43 @@ def sqlite_engine(path: str) -> Engine:
         path = os.path.abspath(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         engine = sa.create_engine(
-            "sqlite:///" + path,
+            # A URL object, not a string: the path may contain ?, # or %.
+            sa.engine.URL.create("sqlite", database=path),
             poolclass=sa.pool.QueuePool,
             pool_size=1,
             max_overflow=0,
             connect_args={"check_same_thread": False, "timeout": 5.0},
         )
     sa.event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_reader_pragmas(dbapi_conn: Any, record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA query_only=ON")
+    cur.close()
+
+
+def sqlite_read_engine(path: str, size: int = 4) -> Engine:
+    """
+    Read-only connections to the SQLite file C{path}: with WAL, readers
+    never wait for the single writer, so listings and token lookups do not
+    queue behind audit batches.
+    """
+    uri = "file:" + quote(os.path.abspath(path), safe="/") + "?mode=ro"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=5.0)
+
+    engine = sa.create_engine(
+        "sqlite://",
+        creator=connect,
+        poolclass=sa.pool.QueuePool,
+        pool_size=size,
+        max_overflow=0,
+    )
+    sa.event.listen(engine, "connect", _sqlite_reader_pragmas)
     return engine
 
 
@@ -467,6 +498,9 @@ class SQLStore:
     @param reactor: delivers results back to the reactor thread.
     @param cipher: encrypts provider keys at rest; None stores them as given.
     @param threads: size of the store's own thread pool (1 for SQLite).
+    @param read_threads: for a SQLite file, the number of extra read-only
+        connections (and threads) serving lookups and listings; 0 sends
+        reads to the writer too.
     """
 
     def __init__(
@@ -475,6 +509,7 @@ class SQLStore:
         reactor: Any,
         cipher: KeyCipher | None = None,
         threads: int | None = None,
+        read_threads: int = 4,
     ) -> None:
         self.engine = engine
         self.reactor = reactor
@@ -485,6 +520,14 @@ class SQLStore:
         self.pool = DBThreadPool(
             minthreads=0, maxthreads=threads, name=f"llmproxy-db-{self.dialect}"
         )
+        self.read_engine: Engine | None = None
+        self.read_pool: DBThreadPool | None = None
+        database = engine.url.database
+        if self.dialect == "sqlite" and read_threads > 0 and database and database != ":memory:":
+            self.read_engine = sqlite_read_engine(database, read_threads)
+            self.read_pool = DBThreadPool(
+                minthreads=0, maxthreads=read_threads, name="llmproxy-db-sqlite-read"
+            )
         self._closed = False
 
     # -- plumbing ------------------------------------------------------------------
@@ -492,12 +535,17 @@ class SQLStore:
         """Start the thread pool (idempotent)."""
         if not self.pool.started:
             self.pool.start()
+        if self.read_pool is not None and not self.read_pool.started:
+            self.read_pool.start()
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run C{fn(conn, *args)} in one transaction; retry once on a dead connection."""
+        return self._call_on(self.engine, fn, *args)
+
+    def _call_on(self, engine: Engine, fn: Callable[..., T], *args: Any) -> T:
         for attempt in (1, 2):
             try:
-                with self.engine.begin() as conn:
+                with engine.begin() as conn:
                     return fn(conn, *args)
             except DBAPIError as e:
                 if attempt == 1 and e.connection_invalidated:
@@ -511,6 +559,17 @@ class SQLStore:
             return defer.fail(RuntimeError("the store is closed"))
         self.start()
         return deferToThreadPool(self.reactor, self.pool, self._call, fn, *args)
+
+    def _read(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Like L{_run} for statements that only read."""
+        if self.read_engine is None or self.read_pool is None:
+            return self._run(fn, *args)
+        if self._closed:
+            return defer.fail(RuntimeError("the store is closed"))
+        self.start()
+        return deferToThreadPool(
+            self.reactor, self.read_pool, self._call_on, self.read_engine, fn, *args
+        )
 
     def run_blocking(self, fn: Callable[[], T]) -> T:
         """
@@ -554,9 +613,16 @@ class SQLStore:
         if self._closed:
             return
         self._closed = True
+        self._stop_readers()
         self.engine.dispose()
         if self.pool.started:
             self.pool.stop()
+
+    def _stop_readers(self) -> None:
+        if self.read_engine is not None:
+            self.read_engine.dispose()
+        if self.read_pool is not None and self.read_pool.started:
+            self.read_pool.stop()
 
     def _encrypt(self, api_key: str) -> str:
         return self.cipher.encrypt(api_key) if self.cipher is not None else api_key
@@ -588,14 +654,14 @@ class SQLStore:
         return None if row is None else _project_from_row(row, self.cipher)
 
     def get_project(self, project_id: str) -> Deferred[Project | None]:
-        return self._run(self._get_project, project_id)
+        return self._read(self._get_project, project_id)
 
     def list_projects(self) -> Deferred[list[Project]]:
         def select(conn: Connection) -> list[Project]:
             rows = conn.execute(sa.select(schema.projects).order_by(_P.name, _P.id))
             return [_project_from_row(r, self.cipher) for r in rows]
 
-        return self._run(select)
+        return self._read(select)
 
     def update_project(self, project: Project) -> Deferred[Project]:
         def update(conn: Connection) -> Project:
@@ -657,10 +723,10 @@ class SQLStore:
         return None if row is None else _token_from_row(row)
 
     def get_token(self, token_id: str) -> Deferred[Token | None]:
-        return self._run(self._get_token_where, _T.id == token_id)
+        return self._read(self._get_token_where, _T.id == token_id)
 
     def get_token_by_hash(self, token_hash: str) -> Deferred[Token | None]:
-        return self._run(self._get_token_where, _T.token_hash == token_hash)
+        return self._read(self._get_token_where, _T.token_hash == token_hash)
 
     def list_tokens(
         self,
@@ -682,7 +748,7 @@ class SQLStore:
         def select(conn: Connection) -> list[Token]:
             return [_token_from_row(r) for r in conn.execute(stmt)]
 
-        return self._run(select)
+        return self._read(select)
 
     def update_token(self, token: Token) -> Deferred[Token]:
         def update(conn: Connection) -> Token:
@@ -798,14 +864,14 @@ class SQLStore:
             )
             return [_audit_from_row(r) for r in rows], int(total)
 
-        return self._run(select)
+        return self._read(select)
 
     def get_audit_event(self, event_id: str) -> Deferred[AuditEvent | None]:
         def select(conn: Connection) -> AuditEvent | None:
             row = conn.execute(sa.select(schema.audit_events).where(_A.id == event_id)).first()
             return None if row is None else _audit_from_row(row)
 
-        return self._run(select)
+        return self._read(select)
 
     # -- maintenance -----------------------------------------------------------------------
     def encrypt_existing_keys(self) -> int:
@@ -840,6 +906,8 @@ class SQLStore:
         if self._closed or not self.pool.started:
             self.close_blocking()
             return defer.succeed(None)
+        self._closed = True
+        self._stop_readers()
         d = deferToThreadPool(self.reactor, self.pool, self.engine.dispose)
 
         def stop(result: Any) -> Any:
