@@ -97,6 +97,10 @@ def makeService(options: Options) -> IService:
 
 def build_worker_pool(config: Config, options: Options, reactor: Any) -> IService:
     """The parent of C{--workers N}: binds the port, runs N worker daemons."""
+    from llmproxy.proxy.providers import load_providers
+
+    # Fail here, once and clearly, rather than in every worker.
+    load_providers(config)
     from llmproxy.service import LLMProxyService, install_stop_once
     from llmproxy.workers import WorkerPoolService
 
