@@ -32,7 +32,7 @@ from llmproxy.store.sql import (
     mysql_url,
     postgres_url,
 )
-from tests.services import POSTGRES_DSN
+from tests.services import MYSQL_DSN, POSTGRES_DSN
 from tests.test_store import T0, project, token
 from tests.test_store_support import (
     KEY,
@@ -390,3 +390,28 @@ class SQLiteReadersTests(TestCase):
         t = await store.create_token(token(p.id))
         self.assertEqual(await store.get_token_by_hash(t.token_hash), t)
         self.assertTrue(os.path.exists(path))
+
+
+class MySQLConnectionTests(TestCase):
+    async def test_killed_connection_does_not_fail_next_call(self) -> None:
+        location = new_location(self, "mysql")
+        store = await open_store(self, "mysql", location, pool_size=2)
+        p = await store.create_project(project())
+        await defer.gatherResults([store.ping(), store.ping()])
+        database = sa.engine.make_url(location).database
+        admin = sa.create_engine(mysql_url(MYSQL_DSN), poolclass=sa.pool.NullPool)
+        self.addCleanup(admin.dispose)
+        with admin.begin() as conn:
+            ids = conn.execute(
+                sa.text("SELECT ID FROM information_schema.PROCESSLIST WHERE DB = :db"),
+                {"db": database},
+            ).scalars()
+            killed = 0
+            for i in list(ids):
+                conn.execute(sa.text(f"KILL {int(i)}"))
+                killed += 1
+        self.assertGreaterEqual(killed, 1)
+        results = await defer.gatherResults([store.get_project(p.id), store.list_projects()])
+        self.assertEqual(results[0].name, p.name)
+        t = await store.create_token(token(p.id))
+        self.assertEqual(await store.count_request(t.token_hash, T0), UsageOutcome.OK)
