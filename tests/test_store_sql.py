@@ -308,6 +308,20 @@ class ConfigToEngineTests(SynchronousTestCase):
         my = self.store(DB_DRIVER="mysql", DATABASE_URL="mysql://u@db/x")
         self.assertEqual(my.engine.url.drivername, "mysql+pymysql")
 
+    def test_pool_settings(self) -> None:
+        s = self.store(
+            DB_DRIVER="postgres",
+            DATABASE_URL="postgres://u@db/x",
+            DATABASE_POOL_SIZE="7",
+            DATABASE_MAX_IDLE_CONNS="3",
+            DATABASE_CONN_MAX_LIFETIME="10m",
+        )
+        pool: Any = s.engine.pool
+        self.assertEqual((pool.size(), pool._max_overflow, pool._recycle), (3, 4, 600.0))
+        self.assertEqual(s.pool.max, 7)
+        sqlite = self.store(DATABASE_PATH=sqlite_url_for(self), DATABASE_POOL_SIZE="7")
+        self.assertEqual(sqlite.pool.max, 1)
+
     def test_sqlite_directory_created(self) -> None:
         import os
 

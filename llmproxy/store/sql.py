@@ -201,17 +201,21 @@ def server_engine(
     max_lifetime: float = 3600.0,
     connect_timeout: int = 5,
     pre_ping: bool = False,
+    max_idle: int | None = None,
 ) -> Engine:
     """
-    An engine for PostgreSQL or MySQL. Connections are not pinged before
+    An engine for PostgreSQL or MySQL with at most C{pool_size}
+    connections, of which C{max_idle} (default: all) stay open when idle.
+    Connections are not pinged before
     each use (a round trip per query on the hot path); instead a query that
     finds its connection dead is retried once on a fresh one (L{SQLStore}),
     and SQLAlchemy then recycles every connection older than the failure.
     """
+    kept = pool_size if max_idle is None else max(1, min(max_idle, pool_size))
     return sa.create_engine(
         url,
-        pool_size=pool_size,
-        max_overflow=0,
+        pool_size=kept,
+        max_overflow=pool_size - kept,
         pool_pre_ping=pre_ping,
         pool_recycle=max_lifetime if max_lifetime > 0 else -1,
         pool_timeout=30,
@@ -226,12 +230,14 @@ def engine_from_config(config: Any) -> Engine:
             postgres_url(config.database_url),
             config.database_pool_size,
             config.database_conn_max_lifetime,
+            max_idle=config.database_max_idle_conns,
         )
     if config.db_driver == "mysql":
         return server_engine(
             mysql_url(config.database_url),
             config.database_pool_size,
             config.database_conn_max_lifetime,
+            max_idle=config.database_max_idle_conns,
         )
     return sqlite_engine(config.database_path)
 
@@ -516,7 +522,8 @@ class SQLStore:
         self.cipher = cipher
         self.dialect = engine.dialect.name
         if threads is None:
-            threads = 1 if self.dialect == "sqlite" else max(1, engine.pool.size())  # type: ignore[attr-defined]
+            pool: Any = engine.pool
+            threads = 1 if self.dialect == "sqlite" else max(1, pool.size() + pool._max_overflow)
         self.pool = DBThreadPool(
             minthreads=0, maxthreads=threads, name=f"llmproxy-db-{self.dialect}"
         )
@@ -922,4 +929,7 @@ class SQLStore:
 
 def make_store(config: Any, reactor: Any) -> SQLStore:
     """The store C{config} describes (not opened yet: see L{StoreService})."""
-    return SQLStore(engine_from_config(config), reactor, cipher=cipher_from_config(config))
+    threads = 1 if config.db_driver == "sqlite" else config.database_pool_size
+    return SQLStore(
+        engine_from_config(config), reactor, cipher=cipher_from_config(config), threads=threads
+    )
