@@ -290,6 +290,17 @@ class StoreTestsMixin:
         self.assertEqual(await self.store.get_audit_event(e.id), e)
         self.assertIsNone(await self.store.get_audit_event("missing"))
 
+    async def test_audit_overlong_values_are_cut_not_lost(self) -> None:
+        """A client's huge X-Request-ID must not make the audit batch fail."""
+        long = "r" * 5000
+        e = event(1, request_id=long, correlation_id=long, method="X" * 40, path="/" + long)
+        await self.store.insert_audit_events([e, event(2)])
+        stored = await self.store.get_audit_event(e.id)
+        self.assertTrue(long.startswith(stored.request_id))
+        self.assertGreaterEqual(len(stored.request_id), 191)
+        self.assertEqual(stored.path, "/" + long)
+        self.assertIsNotNone(await self.store.get_audit_event("ev-002"))
+
     async def test_audit_filters_and_paging(self) -> None:
         events = [
             event(

@@ -437,26 +437,45 @@ def _audit_from_row(row: Any) -> AuditEvent:
     )
 
 
+#: Length limits of the audit columns: values such as a client's
+#: X-Request-ID are cut to fit rather than failing the whole batch.
+_AUDIT_LIMITS = {
+    c.name: c.type.length
+    for c in schema.audit_events.columns
+    if isinstance(c.type, sa.String) and c.type.length
+}
+
+
+def _fit(row: dict[str, Any]) -> dict[str, Any]:
+    for name, limit in _AUDIT_LIMITS.items():
+        value = row.get(name)
+        if isinstance(value, str) and len(value) > limit:
+            row[name] = value[:limit]
+    return row
+
+
 def _audit_row(e: AuditEvent) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "timestamp": e.timestamp,
-        "action": e.action,
-        "actor": e.actor,
-        "outcome": e.outcome,
-        "project_id": e.project_id,
-        "request_id": e.request_id,
-        "correlation_id": e.correlation_id,
-        "client_ip": e.client_ip,
-        "method": e.method,
-        "path": e.path,
-        "user_agent": e.user_agent,
-        "reason": e.reason,
-        "token_id": e.token_id,
-        "metadata": json.dumps(e.details, sort_keys=True, ensure_ascii=False, default=str)
-        if e.details
-        else None,
-    }
+    return _fit(
+        {
+            "id": e.id,
+            "timestamp": e.timestamp,
+            "action": e.action,
+            "actor": e.actor,
+            "outcome": e.outcome,
+            "project_id": e.project_id,
+            "request_id": e.request_id,
+            "correlation_id": e.correlation_id,
+            "client_ip": e.client_ip,
+            "method": e.method,
+            "path": e.path,
+            "user_agent": e.user_agent,
+            "reason": e.reason,
+            "token_id": e.token_id,
+            "metadata": json.dumps(e.details, sort_keys=True, ensure_ascii=False, default=str)
+            if e.details
+            else None,
+        }
+    )
 
 
 def _audit_where(query: AuditQuery) -> list[Any]:
