@@ -825,3 +825,42 @@ class RateLimitTests(TestCase):
         self.assertIsNotNone(header(third, "retry-after"))
         self.assertEqual(len(fake.requests), 2)
         self.assertEqual(h.observer.finished[-1].error_kind, "rate_limited")
+
+
+class BodyFilterTests(TestCase):
+    """The usage chunk the proxy asks for on the client's behalf never reaches it."""
+
+    timeout = 30
+
+    async def test_injected_usage_is_stripped_and_recorded(self) -> None:
+        import functools
+
+        from llmproxy.config import Config
+        from llmproxy.events.usage import make_usage_tap, prepare_request_body
+
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        config = Config.from_env({"MANAGEMENT_TOKEN": "mt", "STREAM_INCLUDE_USAGE": "true"})
+        h.resource.prepare_body = functools.partial(prepare_request_body, config=config)
+        h.resource.taps.append(make_usage_tap)
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        finished = h.observer.next_finished()
+        response, body = await call(
+            agent, h.url + "/v1/chat/completions", token=secret, body=chat(stream=True)
+        )
+        record = await finished
+        self.assertEqual(response.code, 200)
+        sent = fake.last_request.json()
+        self.assertEqual(sent["stream_options"], {"include_usage": True})
+        events = [json.loads(e[6:]) for e in body.split(b"\n\n") if e.startswith(b"data: {")]
+        self.assertTrue(events)
+        self.assertTrue(all(e["choices"] for e in events), "usage-only chunk leaked")
+        self.assertTrue(all("usage" not in e for e in events), "usage: null leaked")
+        self.assertIn(b"data: [DONE]", body)
+        self.assertTrue(record.usage_injected)
+        self.assertIsNotNone(record.usage)
+        self.assertEqual(record.usage["source"], "reported")  # type: ignore[index]
+        self.assertEqual(record.response_body, body)

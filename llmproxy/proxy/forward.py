@@ -159,6 +159,24 @@ class IBodyTap(Interface):
         Called before the request observers see the record."""
 
 
+class IBodyFilter(IBodyTap):
+    """
+    A tap that may change the body the client receives (e.g. removing a
+    usage chunk the proxy asked for on the client's behalf). At most one
+    per response; the other taps and the capture see its output.
+    """
+
+    def feed(chunk: bytes) -> bytes:
+        """One upstream chunk in, the bytes to write to the client out."""
+
+    def flush() -> bytes:
+        """The body ended cleanly: whatever is still held back."""
+
+
+def is_body_filter(tap: Any) -> bool:
+    return callable(getattr(tap, "feed", None)) and callable(getattr(tap, "flush", None))
+
+
 #: Makes the taps for one response: C{(record, upstream_response) -> tap or None}.
 TapFactory = Callable[[Any, Any], "IBodyTap | None"]
 
@@ -192,12 +210,14 @@ class BodyRelay(Protocol):
         idle_timeout: float,
         *,
         taps: Sequence[IBodyTap] = (),
+        body_filter: IBodyFilter | None = None,
         capture_limit: int = 0,
     ) -> None:
         self.request = request
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.taps = list(taps)
+        self.body_filter = body_filter
         self.capture_limit = capture_limit
         self.captured: list[bytes] = []
         self._captured_len = 0
@@ -219,6 +239,17 @@ class BodyRelay(Protocol):
         if self._client_gone or self._finished:
             return
         self._arm_idle()
+        if self.body_filter is not None:
+            try:
+                data = self.body_filter.feed(data)
+            except Exception:
+                log.failure("body filter failed; passing the body through unchanged")
+                self.body_filter = None
+            if not data:
+                return
+        self._relay(data)
+
+    def _relay(self, data: bytes) -> None:
         self.bytes_relayed += len(data)
         self.request.write(data)
         if self._captured_len < self.capture_limit:
@@ -244,6 +275,14 @@ class BodyRelay(Protocol):
             return
         self.request.unregisterProducer()
         if not self._timed_out and reason.check(ResponseDone, http.PotentialDataLoss):
+            if self.body_filter is not None:
+                try:
+                    tail = self.body_filter.flush()
+                except Exception:
+                    log.failure("body filter failed at the end of the body")
+                    tail = b""
+                if tail:
+                    self._relay(tail)
             self.request.finish()
             self.done.callback(None)
             return
@@ -413,7 +452,9 @@ __all__ = [
     "BodyRelay",
     "BytesProducer",
     "CachedEndpointFactory",
+    "IBodyFilter",
     "IBodyTap",
+    "is_body_filter",
     "TapFactory",
     "abort_client",
     "body_producer",

@@ -13,7 +13,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -31,12 +31,15 @@ from llmproxy.proxy.breaker import CircuitBreaker
 from llmproxy.proxy.forward import (
     CLIENT_ABORTED,
     BodyRelay,
+    BytesProducer,
+    IBodyFilter,
     IBodyTap,
     TapFactory,
     abort_client,
     body_length,
     body_producer,
     describe_failure,
+    is_body_filter,
     read_prefix,
     response_length,
 )
@@ -159,6 +162,12 @@ class OpenPolicy:
         pass
 
 
+#: C{(body, content_type, uri) -> (new_body, changed)}.
+BodyRewriter = Callable[[bytes, "str | None", str], "tuple[bytes, bool]"]
+
+#: Largest request body offered to a L{BodyRewriter}.
+REWRITE_LIMIT = 4 * 1024 * 1024
+
 #: Called for every refused token: C{(request, rejection, presented_token)}.
 AuditHook = Callable[[Request, Rejection, "str | None"], None]
 
@@ -210,6 +219,9 @@ class ProxyResource(ReverseProxyResource):
         checks; None when caching is off.
     @param rate_limits: global / per-IP / per-token request rate limits,
         checked once the token is known; None when none is configured.
+    @param prepare_body: may rewrite a POST body before it goes upstream:
+        C{(body, content_type, uri) -> (body, changed)}; C{changed} is kept
+        as C{record.usage_injected} (asking a stream for its usage chunk).
     @param idle_timeout: longest silence between two upstream body chunks.
     """
 
@@ -229,6 +241,7 @@ class ProxyResource(ReverseProxyResource):
         audit: AuditHook | None = None,
         cache: ResponseCache | None = None,
         rate_limits: RateLimitPolicy | None = None,
+        prepare_body: BodyRewriter | None = None,
         enforce_project_active: bool = True,
         idle_timeout: float = 300.0,
         max_request_capture: int = 65536,
@@ -246,6 +259,7 @@ class ProxyResource(ReverseProxyResource):
         self.taps = list(taps)
         self.audit = audit
         self.cache = cache
+        self.prepare_body = prepare_body
         self.rate_limits = rate_limits if rate_limits is not None and rate_limits.enabled else None
         self.enforce_project_active = enforce_project_active
         self.idle_timeout = idle_timeout
@@ -420,7 +434,9 @@ class ProxyResource(ReverseProxyResource):
         if lookup is not None:
             for name, value in lookup.upstream_headers():
                 headers.setRawHeaders(name, [value])
-        producer, _ = body_producer(request.content, self.cooperator)
+        producer, body_size = body_producer(request.content, self.cooperator)
+        if self.prepare_body is not None and request.method == b"POST" and body_size > 0:
+            producer = self._rewritten(request, record, body_size) or producer
         url = self.upstream.origin + request.uri
         record.upstream_started_at = time.monotonic()
         d = self.client.agent.request(request.method, url, headers, producer)
@@ -480,6 +496,11 @@ class ProxyResource(ReverseProxyResource):
             out.setRawHeaders(b"X-Upstream-Request-Start", [unix_ns(started_wall)])
         self.policy.cors_headers(request)
         taps = self._taps(record, response)
+        body_filter = next((t for t in taps if is_body_filter(t)), None)
+        if body_filter is not None:
+            taps.remove(body_filter)
+            # The filter may change the body's length.
+            out.removeHeader(b"Content-Length")
         if self.cache is not None and lookup is not None:
             try:
                 cache_tap = prepare_store(
@@ -496,12 +517,13 @@ class ProxyResource(ReverseProxyResource):
             self.clock,
             self.idle_timeout,
             taps=taps,
+            body_filter=cast(IBodyFilter, body_filter),
             capture_limit=self.max_response_capture,
         )
         exchange.relay = relay
         response.deliverBody(relay)
         kind = await relay.done
-        for tap in taps:
+        for tap in [*taps, *([body_filter] if body_filter is not None else [])]:
             try:
                 tap.body_ended(kind is None)
             except Exception:
@@ -514,6 +536,28 @@ class ProxyResource(ReverseProxyResource):
             self._client_left(record, status=record.status)
         else:
             self._done(record, record.status)
+
+    def _rewritten(
+        self, request: Request, record: RequestRecord, length: int
+    ) -> BytesProducer | None:
+        """The rewritten body's producer, or None to send the body as received."""
+        assert self.prepare_body is not None
+        if length > REWRITE_LIMIT:
+            return None
+        content_type = request.getHeader(b"content-type")
+        try:
+            body, changed = self.prepare_body(
+                read_prefix(request.content, length),
+                content_type.decode("latin-1") if content_type else None,
+                request.uri.decode("utf-8", "replace"),
+            )
+        except Exception:
+            log.failure("preparing the request body failed; sending it as received")
+            return None
+        if not changed:
+            return None
+        record.usage_injected = True
+        return BytesProducer(body)
 
     def _taps(self, record: RequestRecord, response: Any) -> list[IBodyTap]:
         taps: list[IBodyTap] = []
