@@ -294,7 +294,9 @@ class StoreTestsMixin:
         """A client's huge X-Request-ID must not make the audit batch fail."""
         long = "r" * 5000
         e = event(1, request_id=long, correlation_id=long, method="X" * 40, path="/" + long)
-        await self.store.insert_audit_events([e, event(2)])
+        big = event(3, details={"blob": "x" * 100_000})
+        await self.store.insert_audit_events([e, event(2), big])
+        self.assertEqual((await self.store.get_audit_event(big.id)).details, big.details)
         stored = await self.store.get_audit_event(e.id)
         self.assertTrue(long.startswith(stored.request_id))
         self.assertGreaterEqual(len(stored.request_id), 191)

@@ -121,7 +121,7 @@ audit_events = Table(
     Column("reason", Text, nullable=True),
     Column("token_id", String(64), nullable=True),
     #: JSON object (the event's details)
-    Column("metadata", Text, nullable=True),
+    Column("metadata", Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"), nullable=True),
     CheckConstraint(
         "outcome IN ('success', 'failure', 'denied', 'error')", name="ck_audit_events_outcome"
     ),

@@ -70,7 +70,11 @@ def upgrade() -> None:
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("reason", sa.Text, nullable=True),
         sa.Column("token_id", sa.String(64), nullable=True),
-        sa.Column("metadata", sa.Text, nullable=True),
+        sa.Column(
+            "metadata",
+            sa.Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"),
+            nullable=True,
+        ),
         sa.CheckConstraint(
             "outcome IN ('success', 'failure', 'denied', 'error')",
             name="ck_audit_events_outcome",
