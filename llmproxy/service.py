@@ -248,6 +248,9 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     cache_purge.audit = audit
 
     # -- proxy (/v1): usage counters, upstream client, the resource ---------------
+    import functools
+
+    from llmproxy.events.usage import make_usage_tap, prepare_request_body
     from llmproxy.proxy.breaker import CircuitBreaker
     from llmproxy.proxy.resource import ProxyResource, Upstream
     from llmproxy.proxy.service import UpstreamClientService
@@ -295,6 +298,10 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         ),
         policy=ProviderPolicy.from_config(provider, config),
         observers=request_observers,
+        # per-chunk usage taps (SSE / JSON) fill record.usage; a stream the proxy
+        # asked for usage (STREAM_INCLUDE_USAGE) gets that chunk stripped again
+        taps=[make_usage_tap],
+        prepare_body=functools.partial(prepare_request_body, config=config),
         audit=proxy_rejection_hook(audit, reactor),  # refused tokens are audited
         cache=response_cache,
         rate_limits=rate_limits,

@@ -177,8 +177,9 @@ def is_body_filter(tap: Any) -> bool:
     return callable(getattr(tap, "feed", None)) and callable(getattr(tap, "flush", None))
 
 
-#: Makes the taps for one response: C{(record, upstream_response) -> tap or None}.
-TapFactory = Callable[[Any, Any], "IBodyTap | None"]
+#: Makes the taps for one response: C{(record, upstream_response) -> tap or None};
+#: a tap provides L{IBodyTap} (declared or not), a filter also L{IBodyFilter}.
+TapFactory = Callable[[Any, Any], Any]
 
 #: Why a relay ended: None (complete), or one of these error kinds.
 UPSTREAM_CUT = "upstream_cut"
