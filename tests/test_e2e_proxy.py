@@ -109,7 +109,6 @@ class EndToEndProxyTests(TestCase):
             "ACCESS_LOG": "off",
             "AUDIT_LOG_FILE": os.path.join(self.workdir, "audit.log"),
             "USAGE_FLUSH_INTERVAL": "0.2",
-            "HTTP_CACHE_ENABLED": "false",
         }
         self.daemon: Daemon = await threads.deferToThread(start_daemon, self.workdir, env)
         self.addCleanup(self._stop)

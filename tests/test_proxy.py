@@ -864,3 +864,47 @@ class BodyFilterTests(TestCase):
         self.assertIsNotNone(record.usage)
         self.assertEqual(record.usage["source"], "reported")  # type: ignore[index]
         self.assertEqual(record.response_body, body)
+
+
+class PoolTests(TestCase):
+    timeout = 30
+
+    async def test_connections_are_reused(self) -> None:
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        for _ in range(5):
+            response, _ = await call(
+                agent, h.url + "/v1/chat/completions", token=secret, body=chat()
+            )
+            self.assertEqual(response.code, 200)
+        self.assertEqual(fake.connections_opened, 1)
+
+    async def test_concurrency_cap_per_provider(self) -> None:
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url, max_concurrent=2)
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        slow = {b"x-fake-latency-ms": [b"200"]}
+        results = await defer.gatherResults(
+            [
+                defer.ensureDeferred(
+                    call(
+                        agent,
+                        h.url + "/v1/chat/completions",
+                        token=secret,
+                        body=chat(),
+                        headers=slow,
+                    )
+                )
+                for _ in range(6)
+            ]
+        )
+        self.assertEqual([r.code for r, _ in results], [200] * 6)
+        # Six requests, never more than two at once: two connections did it all.
+        self.assertEqual(fake.connections_opened, 2)
