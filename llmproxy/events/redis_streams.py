@@ -32,6 +32,12 @@ from llmproxy.redisconn import call_with_timeout
 log = Logger()
 
 
+def pool_connected(pool: Any) -> bool:
+    """Whether a txredisapi pool holds a live connection right now."""
+    connections = getattr(getattr(pool, "_factory", None), "pool", None)
+    return True if connections is None else len(connections) > 0
+
+
 class EventBusUnavailable(Exception):
     """Redis cannot take events right now (they are buffered)."""
 
@@ -39,7 +45,8 @@ class EventBusUnavailable(Exception):
 @implementer(IEventBus)
 class RedisStreamsEventBus:
     """
-    @param pool: a txredisapi pool (L{llmproxy.redisconn.connect}); the bus
+    @param pool: a txredisapi pool (L{llmproxy.redisconn.connect}) of one
+        connection, so events reach the stream in publish order; the bus
         disconnects it on stop.
     @param capacity: events held while Redis is slow or away.
     """
@@ -140,12 +147,17 @@ class RedisStreamsEventBus:
             self._backoff = min(self._backoff * 2, self.retry_max)
 
     async def _send_all(self) -> None:
-        if not self.available:
+        if not self.available or not pool_connected(self.pool):
+            # txredisapi queues commands while it has no connection and sends
+            # them when Redis returns: an XADD that timed out here would then
+            # be written twice. Only a PING waits for the connection.
             try:
                 await call_with_timeout(self.pool.ping(), self.timeout, self.clock)
-            except Exception:
+            except Exception as e:
+                self._down(e)
                 return
-            self._back()
+            if not self.available:
+                self._back()
         while self._queue:
             events = [self._queue.popleft() for _ in range(min(self.batch, len(self._queue)))]
             self._inflight = len(events)
@@ -176,7 +188,7 @@ class RedisStreamsEventBus:
         args += ["*", "data", data]
         return call_with_timeout(self.pool.execute_command(*args), self.timeout, self.clock)
 
-    def _down(self, failure: Any) -> None:
+    def _down(self, failure: BaseException | Any) -> None:
         if self.available:
             self._backoff = self.retry_initial
         self.available = False
@@ -186,7 +198,7 @@ class RedisStreamsEventBus:
         if suppressed is not None:
             log.warn(
                 "event bus Redis unavailable ({error}); {queued} event(s) buffered, retrying",
-                error=getattr(failure, "getErrorMessage", lambda: str(failure))(),
+                error=getattr(failure, "getErrorMessage", lambda: repr(failure))(),
                 queued=self.queued,
             )
 

@@ -93,7 +93,8 @@ def build_event_bus(config: Any, reactor: Any, metrics: Any = None) -> EventSetu
         from llmproxy.redisconn import RedisAddress, connect
 
         bus = RedisStreamsEventBus(
-            connect(RedisAddress.from_config(config)),
+            # one connection: XADDs pipeline on it in publish order
+            connect(RedisAddress.from_config(config), poolsize=1),
             reactor,
             config.redis_stream_key,
             max_len=config.redis_stream_max_len,
