@@ -85,7 +85,9 @@ async def read_token(path: str, secret: str) -> Token | None:
         await store.close()
 
 
-class EndToEndProxyTests(TestCase):
+class DaemonCase(TestCase):
+    """A daemon in front of an in-process fake upstream, with three seeded tokens."""
+
     timeout = 120
 
     async def setUp(self) -> None:  # type: ignore[override]
@@ -125,6 +127,8 @@ class EndToEndProxyTests(TestCase):
     def in_thread(self, f: Any, *args: Any) -> Any:
         return threads.deferToThread(f, *args)
 
+
+class EndToEndProxyTests(DaemonCase):
     async def test_sdk_chat_completion_matches_direct_call(self) -> None:
         def both() -> tuple[Any, Any]:
             kw = dict(model="gpt-4o", messages=[{"role": "user", "content": "hello there"}])
@@ -257,3 +261,63 @@ class EndToEndProxyTests(TestCase):
     async def _stop_now(self) -> None:
         status = await threads.deferToThread(self.daemon.terminate)
         self.assertEqual(status, 0, self.daemon.log())
+
+
+def _json_call(
+    url: str, method: str = "GET", body: Any = None, token: str = "mt"
+) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw.strip() else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        return e.code, json.loads(raw) if raw.strip() else None
+
+
+class ManagementThenProxyTests(DaemonCase):
+    """Tokens made and revoked through the management API, used through the SDK."""
+
+    async def test_created_token_works_and_revocation_is_immediate(self) -> None:
+        import openai
+
+        base = self.daemon.url
+
+        def scenario() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            status, project = _json_call(
+                base + "/manage/projects",
+                "POST",
+                {"name": "mgmt", "api_key": UPSTREAM_KEY},
+            )
+            out["project"] = status
+            status, token = _json_call(
+                base + "/manage/tokens",
+                "POST",
+                {"project_id": project["id"], "duration_minutes": 60},
+            )
+            out["token"] = status
+            with self.sdk(base, token["token"]) as client:
+                reply = client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                )
+                out["first"] = reply.choices[0].message.content
+                out["revoke"] = _json_call(base + "/manage/tokens/" + token["id"], "DELETE")[0]
+                try:
+                    client.models.list()
+                except openai.AuthenticationError as e:
+                    out["after"] = e.response.json()
+            return out
+
+        out = await self.in_thread(scenario)
+        self.assertEqual((out["project"], out["token"]), (201, 201))
+        self.assertTrue(out["first"])
+        self.assertEqual(out["revoke"], 204)
+        self.assertEqual(out["after"], {"error": "Token is inactive", "code": "token_inactive"})
