@@ -451,6 +451,68 @@ def phase_load(rig: Rig) -> dict[str, Any]:
     return {"runs": out, "summary": summary}
 
 
+def py_spy() -> str | None:
+    found = shutil.which("py-spy")
+    local = os.path.expanduser("~/.local/bin/py-spy")
+    return found or (local if os.access(local, os.X_OK) else None)
+
+
+def phase_profile(rig: Rig) -> dict[str, Any]:
+    """
+    py-spy on llmproxy during an extra load step (not counted in the
+    figures: sampling slows the process): where its reactor thread spends
+    CPU, by function, self and inclusive.
+    """
+    a = rig.a
+    spy = py_spy()
+    if spy is None:
+        return {"error": "py-spy is not installed (pip install py-spy)"}
+    raw = os.path.join(tempfile.mkdtemp(prefix="llmproxy-prof-"), "profile.txt")
+    conns = max(a.conns)
+    seconds = max(3, int(a.duration))
+    loader = threading.Thread(target=rig.load, args=("llmproxy", conns, seconds + 2), daemon=True)
+    loader.start()
+    time.sleep(1.0)
+    out = subprocess.run(
+        [spy, "record", "-p", str(rig.pid["llmproxy"]), "-d", str(seconds), "-r", "100"]
+        + ["-f", "raw", "-o", raw],
+        capture_output=True,
+        text=True,
+    )
+    loader.join()
+    if not os.path.exists(raw):
+        return {"error": f"py-spy failed: {out.stderr[-300:]}"}
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if "ReactorBase.run" not in stack:
+                continue  # idle threads (thread pools)
+            frames = stack.split(";")
+            total += int(n)
+            own[frames[-1]] = own.get(frames[-1], 0) + int(n)
+            for fr in set(frames):
+                inclusive[fr] = inclusive.get(fr, 0) + int(n)
+    shutil.rmtree(os.path.dirname(raw), ignore_errors=True)
+
+    def top(counts: dict[str, int], n: int, keep: Any = lambda f: True) -> list[Any]:
+        rows = sorted(((c, f) for f, c in counts.items() if keep(f)), reverse=True)[:n]
+        return [[round(100.0 * c / max(1, total), 1), f] for c, f in rows]
+
+    def ours(frame: str) -> bool:
+        return "llmproxy/" in frame or "_parseContentType" in frame or "Agent.request" in frame
+
+    result = {
+        "samples": total,
+        "self": top(own, 20),
+        "inclusive": top(inclusive, 30, ours),
+    }
+    log(f"profile: {total} samples of the reactor thread; top self: {result['self'][:5]}")
+    return result
+
+
 def phase_stream(rig: Rig) -> dict[str, Any]:
     a = rig.a
     knobs = {"X-Fake-Chunks": str(a.chunks), "X-Fake-Chunk-Delay-Ms": str(a.pace_ms)}
@@ -819,6 +881,17 @@ def markdown(res: dict[str, Any]) -> str:
     out.append("|---|---|---|")
     for goal, measured, verdict in targets_met(res):
         out.append(f"| {goal} | {measured} | {verdict} |")
+    prof = res.get("profile")
+    if prof and "error" not in prof:
+        out.append(
+            f"\nProfile of llmproxy's reactor thread under c={max(res['config']['conns'])} load"
+            f" (py-spy, {prof['samples']} samples), self time:\n"
+        )
+        out += [f"- {pct}% {frame}" for pct, frame in prof["self"][:12]]
+        out.append("\nInclusive (llmproxy code and notable Twisted calls):\n")
+        out += [f"- {pct}% {frame}" for pct, frame in prof["inclusive"][:20]]
+    elif prof:
+        out.append(f"\nProfile: {prof['error']}")
     for note in res.get("notes", []):
         out.append(f"\nNote: {note}")
     return "\n".join(out) + "\n"
@@ -865,7 +938,8 @@ def chart(res: dict[str, Any], path: str) -> bool:
                 edgecolor="white",
                 label=f"{t} {key[:3]}",
             )
-    ax.set_yscale("log")
+    if load:
+        ax.set_yscale("log")
     ax.set_xticks(
         [j + width * (len(avail) - 1) / 2 for j in range(len(conns))], [f"c={c}" for c in conns]
     )
@@ -896,7 +970,8 @@ def chart(res: dict[str, Any], path: str) -> bool:
             color=colors.get(t),
         )
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_yscale("log")
+    if st or many:
+        ax.set_yscale("log")
     ax.set_xticks(
         [j + width * (len(avail) - 1) / 2 for j in range(len(labels))], labels, fontsize=8
     )
@@ -969,6 +1044,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " (-1: do not wait)",
     )
     p.add_argument("--quiet-wait", type=float, default=60.0, help="longest wait for quiet, s")
+    p.add_argument(
+        "--profile", action="store_true", help="also sample llmproxy with py-spy under load"
+    )
     p.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--proxy-cpu", default="1", help="CPU for the two proxies ('' = no pinning)")
     p.add_argument("--loadgen-cpu", default="0", help="CPU for everything else ('' = no pinning)")
@@ -1083,6 +1161,9 @@ def main(argv: list[str] | None = None) -> int:
         if "stream" not in a.skip:
             monitor.phase("stream")
             res["stream"] = phase_stream(rig)
+        if a.profile and "llmproxy" in rig.available:
+            monitor.phase("profile")
+            res["profile"] = phase_profile(rig)
         if "many" not in a.skip:
             monitor.phase(f"{a.streams} streams")
             res["many"] = phase_many(rig)
