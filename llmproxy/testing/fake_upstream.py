@@ -658,7 +658,9 @@ class _Exchange:
             self.request.write(line)
             self.sent += 1
             self.fake.events_sent += 1
-            if delay > 0:
+            if delay > 0 and line != b"data: [DONE]\n\n":
+                # Pace the events, but end the body right after [DONE] as
+                # OpenAI does (clients close the connection once they see it).
                 self.later(delay, lambda: self._pump(lines))
                 return
         if self.knobs.cut_after is not None and self.sent >= self.knobs.cut_after:
