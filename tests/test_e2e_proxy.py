@@ -321,3 +321,55 @@ class ManagementThenProxyTests(DaemonCase):
         self.assertTrue(out["first"])
         self.assertEqual(out["revoke"], 204)
         self.assertEqual(out["after"], {"error": "Token is inactive", "code": "token_inactive"})
+
+
+class TLSUpstreamDaemonTests(TestCase):
+    """The daemon verifies an HTTPS provider through the platform trust store."""
+
+    timeout = 120
+
+    async def start(self, wrong_host: bool) -> tuple[Daemon, str, FakeUpstream]:
+        from llmproxy.testing.tls import make_test_pki
+
+        pki = make_test_pki()
+        fake = FakeUpstream(clock=reactor)
+        options = pki.wrong_host_options() if wrong_host else pki.server_options()
+        listening = fake.listen(reactor, context_factory=options)
+        self.addCleanup(listening.stop)
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        db = os.path.join(workdir, "llmproxy.db")
+        _, (secret,) = await seed_database(db, [{}])
+        env = {
+            "MANAGEMENT_TOKEN": "mt",
+            "DATABASE_PATH": db,
+            "OPENAI_API_URL": listening.url,  # https://localhost:PORT
+            "API_CONFIG_PATH": os.path.join(workdir, "no-providers.yaml"),
+            "LOG_FORMAT": "text",
+            "AUDIT_LOG_FILE": os.path.join(workdir, "audit.log"),
+            # OpenSSL's default verify paths honour this: the test CA is "the platform's".
+            "SSL_CERT_FILE": pki.write_ca(os.path.join(workdir, "ca.pem")),
+        }
+        daemon = await threads.deferToThread(start_daemon, workdir, env)
+        self.addCleanup(lambda: threads.deferToThread(daemon.terminate))
+        return daemon, secret, fake
+
+    def get(self, daemon: Daemon, secret: str) -> Any:
+        def call() -> tuple[int, Any]:
+            return _json_call(daemon.url + "/v1/models", token=secret)
+
+        return threads.deferToThread(call)
+
+    async def test_trusted_certificate(self) -> None:
+        daemon, secret, fake = await self.start(wrong_host=False)
+        status, body = await self.get(daemon, secret)
+        self.assertEqual(status, 200)
+        self.assertEqual(body["object"], "list")
+        self.assertEqual(fake.last_request.header("authorization"), "Bearer " + UPSTREAM_KEY)
+
+    async def test_wrong_host_certificate_is_refused(self) -> None:
+        daemon, secret, fake = await self.start(wrong_host=True)
+        status, body = await self.get(daemon, secret)
+        self.assertEqual(status, 502)
+        self.assertEqual((body["error"], body["code"]), ("Proxy error", "upstream_tls_error"))
+        self.assertEqual(fake.requests, [])
