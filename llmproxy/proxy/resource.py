@@ -278,7 +278,13 @@ class ProxyResource(ReverseProxyResource):
             self.policy.preflight(request)
             self._finish(request, record, b"")
             return NOT_DONE_YET
-        denial = self.policy.check(request)
+        try:
+            denial = self.policy.check(request)
+        except Exception:
+            log.failure("request policy failed")
+            record.error_kind = "internal"
+            self._error(request, record, 500, "Internal server error", "internal_error")
+            return NOT_DONE_YET
         if denial is not None:
             record.error_kind = "policy"
             request.setHeader(b"X-Request-ID", record.request_id.encode())
@@ -328,6 +334,9 @@ class ProxyResource(ReverseProxyResource):
                 if lookup is not None and lookup.served:
                     self._done(record, record.status)
                     return
+            if exchange.client_gone:
+                self._client_left(record)
+                return
             await self.validator.count(token)
             api_key = await self.validator.api_key(token)
         except Rejection as rejection:
