@@ -138,3 +138,39 @@ class ConsumerTests(RedisTestCase):
         yield defer.ensureDeferred(b.ack([e.id for e in claimed]))
         lag = yield defer.ensureDeferred(b.lag())
         self.assertEqual(lag, {"pending": 0, "length": 4})
+
+
+class BuildEventBusTests(RedisTestCase):
+    @defer.inlineCallbacks
+    def test_redis_bus_with_file_event_log(self) -> Any:
+        import os
+
+        from llmproxy.config import Config
+        from llmproxy.events.service import build_event_bus
+        from llmproxy.proxy.record import RequestRecord
+
+        path = os.path.join(self.mktemp(), "events.jsonl")
+        config = Config.from_env(
+            {
+                "MANAGEMENT_TOKEN": "m" * 32,
+                "LLM_PROXY_EVENT_BUS": "redis-streams",
+                "REDIS_ADDR": f"{REDIS_HOST}:{REDIS_PORT}",
+                "REDIS_STREAM_KEY": self.key,
+                "FILE_EVENT_LOG": path,
+            }
+        )
+        setup = build_event_bus(config, reactor)
+        self.assertIsNotNone(setup.ready_check)
+        setup.service.startService()
+        record = RequestRecord(
+            "r-1", "GET", "/v1/models", time.monotonic(), time.time(), status=200
+        )
+        record.finished_at = record.received_at
+        setup.publisher.request_finished(record)
+        yield defer.ensureDeferred(wait_for(lambda: setup.service.bus.stats()["sent"] == 1))
+        yield setup.ready_check()
+        yield setup.service.stopService()
+        events = yield defer.ensureDeferred(self.stream())
+        self.assertEqual([e["request_id"] for e in events], ["r-1"])
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual([json.loads(line)["request_id"] for line in f], ["r-1"])
