@@ -120,6 +120,7 @@ async def make_harness(
     connect_timeout: float = 5.0,
     max_concurrent: int = 100,
     max_response_capture: int = 262144,
+    site_timeout: float = 60 * 60,
 ) -> Harness:
     store = MemoryStore()
     project = Project(
@@ -168,6 +169,7 @@ async def make_harness(
         Root(WebApp(clock=reactor).resource(), resource),
         clock=reactor,
         max_request_size=50 * 1024 * 1024,
+        request_timeout=site_timeout,
     )
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     test.addCleanup(port.stopListening)
@@ -511,6 +513,21 @@ class StreamingTests(TestCase):
         await collector.done
         self.assertFalse(collector.reason.check(ResponseDone, PotentialDataLoss))
         self.assertEqual(self.h.observer.finished[-1].error_kind, "upstream_idle_timeout")
+
+    async def test_stream_outlives_the_client_connection_timeout(self) -> None:
+        # The client connection's idle timeout (1 s here) is off while a
+        # response is being produced: it never cuts a stream.
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        self.h = await make_harness(self, listening.url, site_timeout=1.0)
+        self.secret, self.token = self.h.add_token()
+        response = await self.open_stream(chunks="6", chunk_delay_ms="400")
+        collector = _Collector()
+        response.deliverBody(collector)
+        await collector.done
+        self.assertTrue(collector.reason.check(ResponseDone, PotentialDataLoss))
+        self.assertIn(b"data: [DONE]", collector.data)
 
     async def test_long_stream_is_not_limited_by_total_duration(self) -> None:
         # 8 events 0.5 s apart = 4 s in total, longer than the 2 s idle timeout.
