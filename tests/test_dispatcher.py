@@ -212,6 +212,16 @@ class SinkTests(TestCase):
         self.assertEqual(runs[1]["tokensUsage"], {"prompt": 5, "completion": 1})
 
 
+class TransformTests(SynchronousTestCase):
+    def test_lunary_verbose_adds_response_headers(self) -> None:
+        from llmproxy.events.dispatcher.transform import lunary_events
+
+        quiet = lunary_events(event(0))[0]["metadata"]
+        loud = lunary_events(event(0), verbose=True)[0]["metadata"]
+        self.assertNotIn("response_headers", quiet)
+        self.assertEqual(loud["response_headers"], {"content-type": "application/json"})
+
+
 class MergeTests(SynchronousTestCase):
     def test_merge_sse(self) -> None:
         text = (

@@ -147,7 +147,13 @@ def makeService(options: Options) -> service.IService:
         name,
         claim_time=config.redis_stream_claim_time,
     )
-    sink = make_sink(options["service"], options["endpoint"], options["api-key"], reactor)
+    sink = make_sink(
+        options["service"],
+        options["endpoint"],
+        options["api-key"],
+        reactor,
+        verbose=options["verbose"],
+    )
     dispatcher = Dispatcher(
         RedisSource(consumer, [reader, pool]),
         sink,

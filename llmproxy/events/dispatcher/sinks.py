@@ -139,12 +139,13 @@ class LunarySink(_HTTPSink):
     """One POST per batch: a start and an end event per model call."""
 
     name = "lunary"
+    verbose = False
 
     async def send(self, events: list[dict[str, Any]]) -> int:
         payload = []
         for event in events:
             if is_llm_call(event):
-                payload += lunary_events(event)
+                payload += lunary_events(event, self.verbose)
         if payload:
             await self._post(payload)
         return 0
@@ -178,7 +179,14 @@ class HeliconeSink(_HTTPSink):
         return dropped
 
 
-def make_sink(service: str, endpoint: str, api_key: str, reactor: Any, http: Any = None) -> ISink:
+def make_sink(
+    service: str,
+    endpoint: str,
+    api_key: str,
+    reactor: Any,
+    http: Any = None,
+    verbose: bool = False,
+) -> ISink:
     """The sink for C{--service}; raises ValueError for a missing setting."""
     if service == "file":
         if not endpoint:
@@ -195,5 +203,7 @@ def make_sink(service: str, endpoint: str, api_key: str, reactor: Any, http: Any
             )
         if service == "helicone":
             return HeliconeSink(endpoint or HELICONE_ENDPOINT, api_key, http)
-        return LunarySink(endpoint or LUNARY_ENDPOINT, api_key, http)
+        sink = LunarySink(endpoint or LUNARY_ENDPOINT, api_key, http)
+        sink.verbose = verbose
+        return sink
     raise ValueError(f"unknown service {service!r} (choose file, webhook, helicone or lunary)")

@@ -165,8 +165,12 @@ def helicone_payload(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def lunary_events(event: dict[str, Any]) -> list[dict[str, Any]]:
-    """A Lunary C{llm} run: a C{start} and an C{end} (or C{error}) event."""
+def lunary_events(event: dict[str, Any], verbose: bool = False) -> list[dict[str, Any]]:
+    """
+    A Lunary C{llm} run: a C{start} and an C{end} (or C{error}) event.
+    C{verbose} (C{LLM_PROXY_DISPATCHER_VERBOSE}) adds the response headers
+    to the metadata.
+    """
     request = request_json(event)
     response = response_json(event)
     usage = event.get("usage")
@@ -184,6 +188,8 @@ def lunary_events(event: dict[str, Any]) -> list[dict[str, Any]]:
         "cache_status": event.get("cache_status"),
         "project_id": event.get("project_id"),
     }
+    if verbose:
+        metadata["response_headers"] = event.get("response_headers") or {}
     params = {}
     if isinstance(request, dict):
         params = {k: v for k, v in request.items() if k not in ("messages", "input", "prompt")}
