@@ -234,6 +234,10 @@ class BodyRelay(Protocol):
 
     def connectionMade(self) -> None:
         self.request.registerProducer(self, True)
+        if getattr(getattr(self.request, "channel", None), "_waitingForTransport", False):
+            # The client's buffer is already full: start paused (twisted.web
+            # only tells producers about later changes).
+            self.pauseProducing()
         self._arm_idle()
 
     def dataReceived(self, data: bytes) -> None:
