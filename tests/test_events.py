@@ -496,6 +496,15 @@ class PublisherTests(SynchronousTestCase):
         self.assertEqual(seen[0]["usage"]["source"], "reported")
         self.assertEqual(seen[1]["method"], "OPTIONS")
 
+    def test_no_event_built_without_listeners(self) -> None:
+        bus = MemoryEventBus(Clock())
+        EventPublisher(bus, config()).request_finished(record())
+        self.assertEqual(bus.published, 0)
+        seen: list[dict] = []
+        bus.subscribe(seen.append)
+        EventPublisher(bus, config()).request_finished(record())
+        self.assertEqual(bus.published, 1)
+
     def test_disabled(self) -> None:
         clock = Clock()
         bus = MemoryEventBus(clock)

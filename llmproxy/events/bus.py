@@ -14,6 +14,7 @@ from zope.interface import Attribute, Interface
 class IEventBus(Interface):
     published = Attribute("Events accepted so far (int).")
     dropped = Attribute("Events lost so far: full buffer, or undeliverable on stop (int).")
+    listening = Attribute("False when no one would receive an event (it is not built then).")
 
     def publish(event: dict[str, Any]) -> None:
         """Queue one event; never blocks, never raises (a full buffer drops and counts)."""

@@ -41,6 +41,11 @@ class MemoryEventBus:
         self._throttle = LogThrottle(clock, 60.0)
         self._stopped = False
 
+    @property
+    def listening(self) -> bool:
+        """Whether anyone receives events (without subscribers, building one is wasted)."""
+        return bool(self._subscribers)
+
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Receive every later event; returns a function that unsubscribes."""
         self._subscribers.append(subscriber)

@@ -21,7 +21,8 @@ class EventPublisher:
     Builds the event of every finished proxied request and hands it to the
     bus. Runs after the response ended and never raises into the proxy.
     Cache hits are published too (C{cache_status} says so), unlike the Go
-    llm-proxy.
+    llm-proxy. With an in-memory bus that nobody subscribes to (no
+    C{FILE_EVENT_LOG}) no event is built at all.
     """
 
     def __init__(self, bus: IEventBus, config: Any) -> None:
@@ -33,7 +34,7 @@ class EventPublisher:
         pass
 
     def request_finished(self, record: RequestRecord) -> None:
-        if not self.enabled:
+        if not self.enabled or not getattr(self.bus, "listening", True):
             return
         try:
             ensure_usage(record)

@@ -112,6 +112,8 @@ class RedisStreamsEventBus:
             self.metrics.event_published()
         self._kick()
 
+    listening = True
+
     @property
     def queued(self) -> int:
         """Events not yet in Redis (waiting, or being sent)."""

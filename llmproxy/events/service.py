@@ -119,6 +119,7 @@ class _Tee:
 
     inner: Any
     file_log: FileEventLog
+    listening = True
 
     def publish(self, event: dict[str, Any]) -> None:
         self.file_log(event)
