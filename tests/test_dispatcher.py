@@ -273,7 +273,7 @@ class DispatcherDaemonTests(SynchronousTestCase):
             "REDIS_STREAM_CLAIM_TIME": "1s",
         }
 
-    def start(self, batch_size: int = 5) -> Any:
+    def start(self, batch_size: int = 5, flush_interval: float = 0.3) -> Any:
         daemon = start_daemon(
             self.workdir,
             self.env,
@@ -286,7 +286,7 @@ class DispatcherDaemonTests(SynchronousTestCase):
                 "--batch-size",
                 str(batch_size),
                 "--flush-interval",
-                "0.3",
+                str(flush_interval),
             ],
         )
         self.addCleanup(daemon.kill)
@@ -324,19 +324,42 @@ class DispatcherDaemonTests(SynchronousTestCase):
         self.assertEqual(daemon.terminate(), 0)
         self.assertEqual(len(self.lines()), 14)  # nothing delivered twice
 
-    def test_sigkill_mid_stream_then_restart_delivers_everything(self) -> None:
-        self.add(0, 40)
-        daemon = self.start(batch_size=3)
-        self.wait_lines(lambda ls: len(ls) >= 3)
-        daemon.process.send_signal(signal.SIGKILL)
-        daemon.process.wait()
-        self.add(40, 10)
-        daemon = self.start(batch_size=3)
-        lines = self.wait_lines(
-            lambda ls: {e["event_id"] for e in ls} >= {f"ev-{n}" for n in range(50)}
-        )
+    def test_sigterm_flushes_the_partial_batch_and_acks_it(self) -> None:
+        daemon = self.start(batch_size=100, flush_interval=60)
+        self.add(0, 3)
+        deadline = time.monotonic() + 10
+        while json.loads(self.health(daemon))["received"] < 3:
+            self.assertLess(time.monotonic(), deadline, "the dispatcher read nothing")
+            time.sleep(0.05)
+        self.assertEqual(self.lines(), [])  # still waiting for a full batch
         self.assertEqual(daemon.terminate(), 0)
-        self.assertGreaterEqual(len(lines), 50)  # at least once
+        self.assertEqual([e["event_id"] for e in self.lines()], ["ev-0", "ev-1", "ev-2"])
+        pending = redis_command("XPENDING", self.key, "dispatchers")
+        self.assertTrue(pending.startswith(b"*4\r\n:0\r\n"), pending)
+
+    def health(self, daemon: Any) -> bytes:
+        import urllib.request
+
+        with urllib.request.urlopen(daemon.url + "/health", timeout=5) as response:
+            return bytes(response.read())
+
+    def test_sigkill_mid_batch_then_restart_delivers_everything(self) -> None:
+        self.add(0, 20)
+        daemon = self.start(batch_size=7, flush_interval=60)
+        self.wait_lines(lambda ls: len(ls) >= 14)  # two full batches went out
+        deadline = time.monotonic() + 10
+        while json.loads(self.health(daemon))["received"] < 20:
+            self.assertLess(time.monotonic(), deadline, "the dispatcher read too little")
+            time.sleep(0.05)
+        daemon.process.send_signal(signal.SIGKILL)  # six events read, not yet delivered
+        daemon.process.wait()
+        self.assertEqual(len(self.lines()), 14)
+        self.add(20, 10)
+        daemon = self.start(batch_size=7)
+        wanted = {f"ev-{n}" for n in range(30)}
+        lines = self.wait_lines(lambda ls: {e["event_id"] for e in ls} >= wanted)
+        self.assertEqual(daemon.terminate(), 0)
+        self.assertEqual(len(lines), 30)  # nothing accepted was delivered twice
 
     def test_bad_service_is_a_one_line_error(self) -> None:
         import subprocess
