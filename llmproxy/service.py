@@ -283,13 +283,13 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         max_concurrent=config.max_concurrent_requests,
     )
     upstream_client.setServiceParent(top)
+    validator = TokenValidator.from_config(config, store, reactor, usage=usage, hub=invalidation)
+    validator.metrics = metrics
     proxy_resource = ProxyResource(
         reactor=reactor,
         upstream=upstream,
         client=upstream_client,
-        validator=TokenValidator.from_config(
-            config, store, reactor, usage=usage, hub=invalidation
-        ),
+        validator=validator,
         breaker=CircuitBreaker(
             reactor,
             threshold=config.circuit_breaker_threshold,

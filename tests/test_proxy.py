@@ -288,6 +288,8 @@ class ForwardingTests(TestCase):
         self.assertEqual(seen.header("x-forwarded-for"), "127.0.0.1")
         self.assertTrue(seen.header("x-upstream-request-start").isdigit())  # type: ignore[union-attr]
         self.assertEqual(json.loads(seen.body)["model"], "gpt-4o")
+        overhead = float(header(response, "x-proxy-overhead-ms") or "-1")
+        self.assertTrue(0 <= overhead < 10_000, overhead)
 
     async def test_headers_replaced_stripped_and_repeated(self) -> None:
         response, body = await call(
@@ -708,6 +710,9 @@ class AuthTests(TestCase):
         self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
         self.assertEqual(self.fake.requests, [])
         self.assertEqual(self.audited, [("invalid_token", None)])
+        # Refusals carry their own request id and the proxy's overhead too.
+        self.assertEqual(len(header(response, "x-request-id") or ""), 36)
+        self.assertIsNotNone(header(response, "x-proxy-overhead-ms"))
 
     async def test_malformed_and_unknown_tokens(self) -> None:
         status, body, _ = await self.post("abc")

@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from llmproxy.cache.facade import LookupResult, ResponseCache
 from llmproxy.cache.proxying import answer_from_cache, prepare_store
+from llmproxy.metrics import overhead_header
 from llmproxy.proxy.breaker import CircuitBreaker
 from llmproxy.proxy.forward import (
     CLIENT_ABORTED,
@@ -366,7 +367,7 @@ class ProxyResource(ReverseProxyResource):
                 record,
                 self.clock,
                 usage=self.validator.usage,
-                extra_headers=[(b"X-Proxy", PROXY_NAME)],
+                extra_headers=[(b"X-Proxy", PROXY_NAME), overhead_header(record)],
                 decorate=self.policy.cors_headers,
             )
         except Exception:
@@ -520,6 +521,7 @@ class ProxyResource(ReverseProxyResource):
                 cache_tap = None
             if cache_tap is not None:
                 taps.append(cache_tap)
+        out.setRawHeaders(*_one(overhead_header(record)))
         record.response_headers = list(_flat_headers(out))
         relay = BodyRelay(
             request,
@@ -592,6 +594,8 @@ class ProxyResource(ReverseProxyResource):
         description: str = "",
     ) -> None:
         body = json_error(request, status, error, code=code, description=description)
+        # Unlike the Go llm-proxy, every answer carries its request id.
+        request.setHeader(b"X-Request-ID", record.request_id.encode())
         self.policy.cors_headers(request)
         record.response_body = body[: self.max_response_capture]
         self._finish(request, record, body)
@@ -600,6 +604,7 @@ class ProxyResource(ReverseProxyResource):
         """Write a complete local answer (if the client is still there) and close the record."""
         record.status = request.code
         if not getattr(request, "_disconnected", False) and not request.finished:
+            request.setHeader(*overhead_header(record))
             if body:
                 request.write(body)
             request.finish()
@@ -634,6 +639,10 @@ class ProxyResource(ReverseProxyResource):
             self._done(record, 500)
             return
         self._error(request, record, 500, "Internal server error", "internal_error")
+
+
+def _one(header: tuple[bytes, bytes]) -> tuple[bytes, list[bytes]]:
+    return header[0], [header[1]]
 
 
 def _flat_headers(headers: Any) -> Any:

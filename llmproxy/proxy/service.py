@@ -11,12 +11,21 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,  # type: ignore[attr-defined]
+)
 from twisted.web.iweb import IAgent
 
 from llmproxy.proxy.forward import CachedEndpointFactory
 
 log = Logger()
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    noisy = False
 
 
 class UpstreamClientService(service.Service):
@@ -49,6 +58,9 @@ class UpstreamClientService(service.Service):
         self.reactor = reactor
         self.max_concurrent = max_concurrent
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        # Without this every new upstream connection logs "Starting factory"
+        # and "Stopping factory" lines.
+        self.pool._factory = _QuietClientFactory
         self.pool.maxPersistentPerHost = max(1, max_per_host)
         self.pool.cachedConnectionTimeout = max(1, round(idle_connection_timeout))
         policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root)

@@ -140,6 +140,8 @@ class TokenValidator:
         #: Bumped by every invalidation, so a lookup that started before a
         #: change never caches what it read.
         self._generation = 0
+        #: Optional L{llmproxy.metrics.Metrics}: token-cache hits and misses.
+        self.metrics: Any = None
         if hub is not None:
             hub.subscribe(self.invalidate)
 
@@ -194,6 +196,11 @@ class TokenValidator:
             raise _invalid("invalid token format: invalid token format")
         token_hash = hash_token(presented)
         token = self._tokens.get(token_hash, self.token_cache_ttl)
+        if self.metrics is not None:
+            if token is None:
+                self.metrics.token_cache_miss()
+            else:
+                self.metrics.token_cache_hit()
         if token is None:
             generation = self._generation
             try:
