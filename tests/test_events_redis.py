@@ -140,6 +140,41 @@ class ConsumerTests(RedisTestCase):
         self.assertEqual(lag, {"pending": 0, "length": 4})
 
 
+class ConsumerOutageTests(RedisTestCase):
+    @defer.inlineCallbacks
+    def test_consumer_survives_a_redis_restart(self) -> Any:
+        server = RedisServer()
+        self.addCleanup(server.cleanup)
+        server.start()
+        consumer = RedisStreamConsumer(
+            self.pool(server.port, size=1),
+            self.pool(server.port),
+            reactor,
+            self.key,
+            "group",
+            "c1",
+            timeout=0.3,
+        )
+        yield defer.ensureDeferred(consumer.ensure_group())
+        server.stop()
+        import txredisapi
+
+        with self.assertRaises((defer.TimeoutError, txredisapi.ConnectionError)):
+            yield defer.ensureDeferred(consumer.read(10, 0.1))
+        server.start()  # empty: no stream, no group
+        local = self.pool(server.port)
+        for n in range(2):
+            yield local.execute_command("XADD", self.key, "*", "data", json.dumps({"n": n}))
+        entries: list[Any] = []
+        deadline = time.monotonic() + 15
+        while len(entries) < 2 and time.monotonic() < deadline:
+            try:
+                entries += yield defer.ensureDeferred(consumer.read(10, 0.1))
+            except Exception:
+                yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual([e.event for e in entries], [{"n": 0}, {"n": 1}])
+
+
 class BuildEventBusTests(RedisTestCase):
     @defer.inlineCallbacks
     def test_redis_bus_with_file_event_log(self) -> Any:

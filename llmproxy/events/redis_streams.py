@@ -387,7 +387,28 @@ class RedisStreamConsumer:
         Up to C{count} entries: this consumer's own pending ones while any
         are left, then new ones (waiting up to C{block} seconds), then,
         when none came, entries idle longer than C{claim_time} elsewhere.
+
+        After a failure the next call starts again from this consumer's
+        pending entries: a read that timed out here may still have been
+        executed by Redis, handing entries to this consumer that it never saw.
+        A missing group (Redis restarted empty) is created again.
         """
+        try:
+            return await self._read(count, block)
+        except Exception as e:
+            self._cursor = "0"
+            if "NOGROUP" not in str(e):
+                raise
+        # The stream or group vanished (a Redis restarted without persistence).
+        log.warn("consumer group {group} is missing; creating it again", group=self.group)
+        await self.ensure_group()
+        return await self._read(count, block)
+
+    async def _read(self, count: int, block: float) -> list[StreamEntry]:
+        if not pool_connected(self.reader):
+            # txredisapi would queue the read and run it once Redis is back,
+            # long after we gave up on it: wait for the connection with a PING.
+            await self._call(self.reader, "PING")
         if self._cursor is not None:
             reply = await self._call(
                 self.reader,

@@ -195,6 +195,9 @@ class Dispatcher(service.Service):
                 self._log_error("reading events failed", e)
                 await self._pause(1.0)
                 continue
+            if batch and entries:  # pending entries re-read after an error
+                held = {e.id for e in batch}
+                entries = [e for e in entries if e.id not in held]
             if entries and not batch:
                 first_at = self.clock.seconds()
             batch += entries
