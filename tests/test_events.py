@@ -412,6 +412,26 @@ class UsageHelpersTests(SynchronousTestCase):
         self.assertGreater(usage["prompt_tokens"], 3)
         self.assertEqual(usage["completion_tokens"], 2)
 
+    def test_large_json_body_usage_from_its_edges(self) -> None:
+        vectors = [
+            {"object": "embedding", "index": i, "embedding": [0.125] * 64} for i in range(3000)
+        ]
+        usage = {"prompt_tokens": 70, "total_tokens": 70}
+        body = json.dumps(
+            {"object": "list", "model": "text-embedding-3-small", "data": vectors, "usage": usage}
+        ).encode()
+        self.assertGreater(len(body), 1 << 20)
+        r = record(path="/v1/embeddings")
+        tap = JSONUsageTap(r)
+        for piece in split_every(body, 16384):
+            tap.data_received(piece)
+        tap.body_ended(True)
+        self.assertEqual(r.model, "text-embedding-3-small")
+        self.assertEqual(
+            r.usage,
+            {"prompt_tokens": 70, "completion_tokens": 0, "total_tokens": 70, "source": "reported"},
+        )
+
     def test_ensure_usage_from_cached_json(self) -> None:
         answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": USAGE}).encode()
         r = record(

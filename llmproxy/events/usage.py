@@ -28,8 +28,10 @@ ESTIMATED = "estimated"
 TEXT_LIMIT = 1 << 20
 #: A single SSE line longer than this is passed through unparsed.
 LINE_LIMIT = 4 << 20
-#: Non-stream JSON bodies larger than this are not parsed for usage.
-JSON_LIMIT = 8 << 20
+#: Non-stream JSON bodies up to this size are parsed whole for usage.
+JSON_LIMIT = 1 << 20
+#: Of a larger body, this much of its start and end is kept.
+JSON_EDGE = 64 << 10
 
 _USAGE_NULL = re.compile(rb'(,\s*"usage"\s*:\s*null(?=\s*[,}]))|("usage"\s*:\s*null\s*,)')
 
@@ -456,40 +458,78 @@ def _without_usage_null(line: bytes, parsed: dict[str, Any]) -> bytes:
 
 
 class JSONUsageTap:
-    """Collects a non-streamed JSON answer (up to L{JSON_LIMIT}) to read its usage."""
+    """
+    Reads the usage of a non-streamed JSON answer. Bodies up to
+    L{JSON_LIMIT} are kept whole and parsed at the end; of a larger one
+    (big embedding lists) only the first and last L{JSON_EDGE} bytes are
+    kept, enough to find C{"model"} near the start and C{"usage"} near the
+    end without holding the body.
+    """
 
     def __init__(self, record: RequestRecord, content_encoding: str | None = None) -> None:
         self.record = record
         self.content_encoding = content_encoding
         self._chunks: list[bytes] = []
         self._size = 0
+        self._head = b""
+        self._tail = b""
         self._too_big = False
 
     def data_received(self, chunk: bytes) -> None:
-        if self._too_big:
-            return
         self._size += len(chunk)
-        if self._size > JSON_LIMIT:
+        if not self._too_big:
+            self._chunks.append(chunk)
+            if self._size <= JSON_LIMIT:
+                return
             self._too_big = True
+            whole = b"".join(self._chunks)
             self._chunks = []
+            self._head = whole[:JSON_EDGE]
+            self._tail = whole[-JSON_EDGE:]
             return
-        self._chunks.append(chunk)
+        self._tail = (self._tail + chunk)[-JSON_EDGE:]
 
     def body_ended(self, complete: bool) -> None:
         record = self.record
-        body = b"".join(self._chunks)
-        self._chunks = []
         found = BodyUsage()
-        if body and not self._too_big:
-            decoded = decode_content(body, self.content_encoding, JSON_LIMIT)
+        if self._too_big:
+            if (self.content_encoding or "identity").strip().lower() == "identity":
+                found = _edges_usage(self._head, self._tail)
+        else:
+            body = b"".join(self._chunks)
+            decoded = decode_content(body, self.content_encoding, JSON_LIMIT) if body else None
             if decoded is not None:
                 found = read_json_usage(decoded)
+        self._chunks = []
+        self._head = self._tail = b""
         if found.model:
             record.model = found.model
         if found.usage is not None:
             record.usage = found.usage
         elif record.usage is None and complete and not self._too_big and 200 <= record.status < 300:
             record.usage = _estimate_for(record, found.text)
+
+
+_MODEL_FIELD = re.compile(rb'"model"\s*:\s*"((?:[^"\\]|\\.){1,200})"')
+_USAGE_FIELD = re.compile(rb'"usage"\s*:\s*(\{(?:[^{}]|\{[^{}]*\})*\})')
+
+
+def _edges_usage(head: bytes, tail: bytes) -> BodyUsage:
+    """Model and usage of a large JSON body from its first and last bytes."""
+    found = BodyUsage()
+    match = _MODEL_FIELD.search(head)
+    if match is not None:
+        try:
+            found.model = json.loads(b'"' + match.group(1) + b'"')
+        except ValueError:
+            pass
+    matches = list(_USAGE_FIELD.finditer(tail))
+    if matches:
+        try:
+            found.usage = normalize_usage(json.loads(matches[-1].group(1)))
+        except ValueError:
+            pass
+    return found
 
 
 def _estimate_for(record: RequestRecord, completion_text: str) -> dict[str, Any] | None:
