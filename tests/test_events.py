@@ -285,6 +285,19 @@ class SSEUsageTapTests(SynchronousTestCase):
             out, _ = self.run_tap(body, size, strip=True)
             self.assertEqual(out, plain)
 
+    def test_strips_usage_null_in_any_position_and_spacing(self) -> None:
+        tap = SSEUsageTap(strip_usage=True)
+        spaced = b'data: {"id": "a", "usage": null, "choices": [{"delta": {"content": "x"}}]}\n'
+        self.assertEqual(
+            tap.feed(spaced), b'data: {"id": "a", "choices": [{"delta": {"content": "x"}}]}\n'
+        )
+        tricky = (
+            b'data: {"choices": [{"delta": {"content": "\\"usage\\":null}"}}], "usage": null}\n'
+        )
+        self.assertEqual(
+            tap.feed(tricky), b'data: {"choices": [{"delta": {"content": "\\"usage\\":null}"}}]}\n'
+        )
+
     def test_crlf_lines(self) -> None:
         body, plain = stream(with_usage=True)
         body, plain = body.replace(b"\n", b"\r\n"), plain.replace(b"\n", b"\r\n")

@@ -33,6 +33,7 @@ JSON_LIMIT = 1 << 20
 #: Of a larger body, this much of its start and end is kept.
 JSON_EDGE = 64 << 10
 
+_USAGE_NULL_LAST = b',"usage":null}'
 _USAGE_NULL = re.compile(rb'(,\s*"usage"\s*:\s*null(?=\s*[,}]))|("usage"\s*:\s*null\s*,)')
 
 
@@ -444,6 +445,11 @@ def _without_usage_null(line: bytes, parsed: dict[str, Any]) -> bytes:
     every other byte; the line is kept as it was unless the result parses
     to the same object without C{usage}.
     """
+    content = line.rstrip(b"\r\n")
+    if content.endswith(_USAGE_NULL_LAST):
+        # The usual place (OpenAI): the last member of the top-level object.
+        # Quotes inside strings are escaped, so this is that object's own key.
+        return content[: -len(_USAGE_NULL_LAST)] + b"}" + line[len(content) :]
     for match in reversed(list(_USAGE_NULL.finditer(line))):
         candidate = line[: match.start()] + line[match.end() :]
         payload = candidate.rstrip(b"\r\n")[5:]
