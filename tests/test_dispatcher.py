@@ -332,6 +332,8 @@ class DispatcherDaemonTests(SynchronousTestCase):
             self.assertLess(time.monotonic(), deadline, "the dispatcher read nothing")
             time.sleep(0.05)
         self.assertEqual(self.lines(), [])  # still waiting for a full batch
+        status = json.loads(self.health(daemon))
+        self.assertEqual((status["status"], status["pending"], status["length"]), ("ok", 3, 3))
         self.assertEqual(daemon.terminate(), 0)
         self.assertEqual([e["event_id"] for e in self.lines()], ["ev-0", "ev-1", "ev-2"])
         pending = redis_command("XPENDING", self.key, "dispatchers")

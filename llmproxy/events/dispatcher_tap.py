@@ -88,26 +88,65 @@ class Options(usage.Options):
             raise SystemExit(1)
 
 
+#: Health thresholds of the Go llm-proxy's dispatcher.
+MAX_LAG = 10000
+STALL_SECONDS = 300.0
+
+
+async def health(dispatcher: Any, clock: Any) -> tuple[int, dict[str, Any]]:
+    """
+    The dispatcher's counters plus the group's pending entries and the
+    stream length; unhealthy (503) when more than L{MAX_LAG} entries wait,
+    when entries wait and nothing was delivered for L{STALL_SECONDS}, or
+    when Redis does not answer.
+    """
+    body: dict[str, Any] = {"status": "ok", "service": dispatcher.sink.name}
+    body.update(dispatcher.stats)
+    consumer = getattr(dispatcher.source, "consumer", None)
+    if consumer is None:
+        return 200, body
+    try:
+        lag = await consumer.lag()
+    except Exception as e:
+        body.update(status="unhealthy", error=f"Redis: {type(e).__name__}")
+        return 503, body
+    body.update(lag)
+    idle = clock.seconds() - (dispatcher.last_sent_at or dispatcher.started_at)
+    if lag["pending"] > MAX_LAG or (lag["pending"] > 0 and idle > STALL_SECONDS):
+        body["status"] = "unhealthy"
+        return 503, body
+    return 200, body
+
+
 class _Health(service.Service):
-    """C{GET /health}: the dispatcher's counters as JSON."""
+    """C{GET /health} on C{--port}: see L{health}."""
 
     def __init__(self, port: str, dispatcher: Any, reactor: Any) -> None:
         from twisted.application import strports
+        from twisted.internet import defer
         from twisted.web import resource, server
-
-        outer = self
 
         class Health(resource.Resource):
             isLeaf = True
 
-            def render_GET(self, request: Any) -> bytes:
-                request.setHeader(b"content-type", b"application/json")
-                body = {"status": "ok", "service": outer.dispatcher.sink.name}
-                body.update(outer.dispatcher.stats)
-                return json.dumps(body).encode()
+            def render_GET(self, request: Any) -> Any:
+                def done(result: tuple[int, dict[str, Any]]) -> None:
+                    code, body = result
+                    request.setResponseCode(code)
+                    request.setHeader(b"content-type", b"application/json")
+                    request.write(json.dumps(body).encode())
+                    request.finish()
 
-        self.dispatcher = dispatcher
-        self.inner = strports.service(port, server.Site(Health()), reactor=reactor)
+                d = defer.ensureDeferred(health(dispatcher, reactor))
+                d.addTimeout(5, reactor)
+                d.addCallbacks(done, lambda f: done((503, {"status": "unhealthy"})))
+                return server.NOT_DONE_YET
+
+        class QuietSite(server.Site):
+            def log(self, request: Any) -> None:
+                pass  # health probes are not worth a log line each
+
+        self.inner = strports.service(port, QuietSite(Health()), reactor=reactor)
 
     def startService(self) -> None:
         super().startService()

@@ -128,6 +128,7 @@ class Dispatcher(service.Service):
         self.stop_timeout = stop_timeout
         self.stats = {"received": 0, "sent": 0, "dropped": 0, "unparseable": 0, "batches": 0}
         self.last_sent_at: float | None = None
+        self.started_at = clock.seconds()
         self._stopping = False
         self._sleep: defer.Deferred[Any] | None = None
         self._done: defer.Deferred[None] | None = None
@@ -136,6 +137,7 @@ class Dispatcher(service.Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self.started_at = self.clock.seconds()
         self._done = defer.ensureDeferred(self._run())
         self._done.addErrback(lambda f: log.failure("dispatcher loop crashed", f))
 
