@@ -96,6 +96,16 @@ class HealthTests(SynchronousTestCase):
         body = json.loads(self.successResultOf(response.content()))
         self.assertEqual(body["checks"]["slow"], "timed out")
 
+    def test_ready_checks_run_at_once(self) -> None:
+        """Two slow dependencies: the answer comes after one deadline, not two."""
+        self.web.ready_checks += [("a", lambda: defer.Deferred()), ("b", lambda: defer.Deferred())]
+        d = self.client.get("http://x/ready")
+        self.clock.advance(self.web.ready_timeout + 0.1)
+        self.client.flush()
+        response = self.successResultOf(d)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(body["checks"], {"a": "timed out", "b": "timed out"})
+
     def test_unknown_path_json_404(self) -> None:
         for path in ("/does-not-exist", "/", "/v2/models", "/health/x"):
             response, body = self.get(path)

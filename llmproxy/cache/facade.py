@@ -273,6 +273,10 @@ class ResponseCache:
             stream_caching=self.stream_responses,
             default_ttl=self.default_ttl,
         )
+        if lookup.degraded and decision.store:
+            # The backend did not answer the lookup: nothing is stored either,
+            # and the client is not told otherwise.
+            decision = policy.StoreDecision(0, debug="cache-unavailable", miss_header=True)
         headers: HeaderList = list(lookup.response_headers())
         if decision.store and lookup.key is not None:
             length = _content_length(response_headers)

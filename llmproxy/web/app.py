@@ -85,19 +85,23 @@ class WebApp:
         return json_body(request, 200, {"status": "alive"})
 
     async def ready(self, request: Request) -> bytes:
-        results: dict[str, str] = {}
-        failing: list[str] = []
-        for name, check in self.ready_checks:
+        # The checks run at once: during an outage each may wait for its own
+        # deadline, and the answer should not take the sum of them.
+        async def run(check: ReadyCheck) -> str:
             try:
                 d = defer.ensureDeferred(_as_coroutine(check))
                 d.addTimeout(self.ready_timeout, self.clock)  # type: ignore[arg-type]
                 await d
             except Exception as e:  # each dependency reports, none raises
-                reason = "timed out" if isinstance(e, defer.TimeoutError) else _describe(e)
-                results[name] = reason
-                failing.append(name)
-            else:
-                results[name] = "ok"
+                return "timed out" if isinstance(e, defer.TimeoutError) else _describe(e)
+            return "ok"
+
+        outcomes = await defer.gatherResults(
+            [defer.ensureDeferred(run(check)) for _, check in self.ready_checks]
+        )
+        names = [name for name, _ in self.ready_checks]
+        results = dict(zip(names, outcomes, strict=True))
+        failing = [name for name, outcome in results.items() if outcome != "ok"]
         if failing:
             return json_body(
                 request,
