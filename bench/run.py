@@ -313,6 +313,7 @@ def start_llmproxy(
         "API_CONFIG_PATH": config,
         "DATABASE_PATH": os.path.join(home, "llmproxy.db"),
         "AUDIT_LOG_FILE": os.path.join(home, "audit.log"),
+        **a.daemon_env,
     }
     argv = [a.python, "-c", TWISTD, "-n", "--pidfile=", "llmproxy"]
     argv += ["--port", f"tcp:{port}:interface=127.0.0.1"]
@@ -361,6 +362,24 @@ class Rig:
         return h
 
     def load(self, target: str, conns: int, duration: float) -> dict[str, Any]:
+        """
+        One load step; repeated (up to C{--noise-retries} times, keeping the
+        quietest) when other processes used more than C{--noise} % of a core.
+        """
+        best: dict[str, Any] | None = None
+        for attempt in range(self.a.noise_retries + 1):
+            r = self._load_once(target, conns, duration)
+            r["attempt"] = attempt + 1
+            if best is None or r["other_cpu_pct"] < best["other_cpu_pct"]:
+                best = r
+            if self.a.quiet < 0 or r["other_cpu_pct"] <= self.a.noise:
+                break
+            log(f"{target} c={conns}: other processes used {r['other_cpu_pct']}% of a core: again")
+        assert best is not None
+        best["noisy"] = self.a.quiet >= 0 and best["other_cpu_pct"] > self.a.noise
+        return best
+
+    def _load_once(self, target: str, conns: int, duration: float) -> dict[str, Any]:
         fn = loadgen.wrk_load if self.a.generator == "wrk" else loadgen.python_load
         pid = self.pid.get(target)
         if self.a.quiet >= 0:
@@ -447,7 +466,11 @@ def phase_load(rig: Rig) -> dict[str, Any]:
                     "proxy_cpu_pct",
                     "other_cpu_pct",
                 )
-            } | {"errors": sum(sum(r["errors"].values()) for r in runs), "runs": len(runs)}
+            } | {
+                "errors": sum(sum(r["errors"].values()) for r in runs),
+                "runs": len(runs),
+                "noisy": any(r.get("noisy") for r in runs),
+            }
     return {"runs": out, "summary": summary}
 
 
@@ -776,7 +799,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"llmproxy benchmark, {res['date']}; {m['nproc']} CPUs ({m['cpu_model']}), Python "
         f"{m['python']}, Twisted {m['twisted']}, load: {res['config']['generator']}"
     )
-    out.append(f"command: `{res['command']}`\n")
+    out.append(f"command: `{res['command']}`")
+    settings = " ".join(f"{k}={v}" for k, v in res["config"]["daemon_env"].items())
+    out.append(f"llmproxy settings: defaults, except {settings}\n")
     avail = res["available"]
     load = res.get("load", {}).get("summary", {})
     if load:
@@ -793,6 +818,8 @@ def markdown(res: dict[str, Any]) -> str:
                 ("p90_ms", "p90", " ms"),
                 ("p99_ms", "p99", " ms"),
                 ("proxy_cpu_pct", "proxy CPU", "%"),
+                ("other_cpu_pct", "other processes' CPU", "%"),
+                ("errors", "errors", ""),
             ):
                 vals = [load.get(t, {}).get(conns, {}).get(key) for t in avail]
                 lp = load.get("llmproxy", {}).get(conns, {}).get(key)
@@ -801,9 +828,17 @@ def markdown(res: dict[str, Any]) -> str:
                     fmt(v, unit) if not (key == "proxy_cpu_pct" and t == "direct") else "-"
                     for v, t in zip(vals, avail, strict=True)
                 ]
-                rcell = ratio(lp, bl) if key != "proxy_cpu_pct" else ""
+                if key == "rps":
+                    noisy = [load.get(t, {}).get(conns, {}).get("noisy") for t in avail]
+                    cells = [c + (" *" if n else "") for c, n in zip(cells, noisy, strict=True)]
+                elif key == "errors":
+                    cells = [str(int(v)) if v is not None else "n/a" for v in vals]
+                rcell = ratio(lp, bl) if key in ("rps", "p50_ms", "p90_ms", "p99_ms") else ""
                 out.append(f"| c={conns} {label} | " + " | ".join(cells) + f" | {rcell} |")
-        out.append("")
+        out.append(
+            "\n\\* other processes used more than --noise % of a core during every try of"
+            " this step.\n"
+        )
     st = res.get("stream", {}).get("summary", {})
     many = res.get("many", {})
     rss = res.get("rss", {})
@@ -1029,7 +1064,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pace-ms", type=int, default=50, help="ms between the paced stream's events")
     p.add_argument("--streams", type=int, help="streams open together (1000; quick 200)")
     p.add_argument(
-        "--streams-ramp", type=float, default=2.0, help="seconds over which they are started"
+        "--streams-ramp",
+        type=float,
+        help="seconds over which they are started (default: 100 new streams a second)",
     )
     p.add_argument("--slow-bytes", help="body size the slow client reads (1GB; quick 128MB)")
     p.add_argument("--slow-rate", type=float, default=64.0, help="slow client read rate, MiB/s")
@@ -1045,7 +1082,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quiet-wait", type=float, default=60.0, help="longest wait for quiet, s")
     p.add_argument(
+        "--noise",
+        type=float,
+        default=40.0,
+        help="a load step during which other processes used more than this %% of a core"
+        " is measured again",
+    )
+    p.add_argument("--noise-retries", type=int, default=2)
+    p.add_argument(
         "--profile", action="store_true", help="also sample llmproxy with py-spy under load"
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="setting for the llmproxy daemons (repeatable); by default only"
+        " MAX_CONCURRENT_REQUESTS is raised to twice --streams",
     )
     p.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--proxy-cpu", default="1", help="CPU for the two proxies ('' = no pinning)")
@@ -1062,8 +1115,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.rounds = a.rounds or (1 if q else 2)
     a.stream_runs = a.stream_runs or (5 if q else 10)
     a.streams = a.streams or (200 if q else 1000)
+    a.streams_ramp = a.streams_ramp if a.streams_ramp is not None else a.streams / 100.0
     a.slow_bytes = parse_size(a.slow_bytes or ("128MB" if q else "1GB"))
     a.conns = [int(c) for c in a.connections.split(",") if c]
+    # the default cap (100 upstream requests in flight) would queue the
+    # concurrent-streams step behind the first 100 streams
+    a.daemon_env = {"MAX_CONCURRENT_REQUESTS": str(max(100, 2 * a.streams))}
+    for item in a.env:
+        name, _, value = item.partition("=")
+        a.daemon_env[name] = value
     a.skip = set(filter(None, a.skip.split(",")))
     if a.generator == "auto":
         a.generator = "wrk" if loadgen.have_wrk() else "python"
