@@ -445,15 +445,19 @@ class UsageHelpersTests(SynchronousTestCase):
             {"prompt_tokens": 70, "completion_tokens": 0, "total_tokens": 70, "source": "reported"},
         )
 
-    def test_ensure_usage_from_cached_json(self) -> None:
+    def test_ensure_usage_from_captured_json(self) -> None:
         answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": USAGE}).encode()
-        r = record(
-            response_body=answer,
-            response_headers=[(b"content-type", b"application/json")],
-            cache_status="hit",
-        )
+        r = record(response_body=answer, response_headers=[(b"content-type", b"application/json")])
         ensure_usage(r)
         self.assertEqual(r.usage, dict(USAGE, source="reported"))
+
+    def test_cache_hits_have_no_usage(self) -> None:
+        answer = json.dumps({"model": "gpt-4o", "choices": [], "usage": USAGE}).encode()
+        r = record(response_body=answer, cache_status="hit")
+        r.response_headers = [(b"content-type", b"application/json")]
+        ensure_usage(r)
+        self.assertIsNone(r.usage)
+        self.assertEqual(r.model, "gpt-4o-mini")  # from the request
 
 
 class MemoryBusTests(SynchronousTestCase):
@@ -526,7 +530,7 @@ class PublisherTests(SynchronousTestCase):
         clock.advance(0)
         self.assertEqual(len(seen), 2)
         self.assertEqual(seen[0]["cache_status"], "hit")
-        self.assertEqual(seen[0]["usage"]["source"], "reported")
+        self.assertIsNone(seen[0]["usage"])
         self.assertEqual(seen[1]["method"], "OPTIONS")
 
     def test_no_event_built_without_listeners(self) -> None:

@@ -24,11 +24,17 @@ from tests.test_e2e_proxy import seed_database
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
 
-def post(url: str, token: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+def post(
+    url: str, token: str, payload: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     request = urllib.request.Request(
         url + "/v1/chat/completions",
         data=json.dumps(payload).encode(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+            **(headers or {}),
+        },
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -124,6 +130,22 @@ class FileEventLogTests(EventsDaemonCase):
         self.assertIsNone(refused["usage"])
         self.assertIsNotNone(refused["error_kind"])
         self.assertEqual({e["schema_version"] for e in events}, {1})
+
+    async def test_cache_hits_are_published(self) -> None:
+        daemon = await self.start(HTTP_CACHE_ENABLED="true")
+        opt_in = {"Cache-Control": "public, max-age=60"}
+        for _ in range(2):
+            status, _ = await threads.deferToThread(post, daemon.url, self.token, CHAT, opt_in)
+            self.assertEqual(status, 200)
+        self.assertEqual(len(self.fake.requests), 1)
+        await self.stop(daemon)
+        first, second = read_lines(self.events_path)
+        self.assertEqual(second["cache_status"], "hit")
+        self.assertNotEqual(first["cache_status"], "hit")
+        self.assertIsNone(second["durations"]["upstream_ttfb_ms"])
+        self.assertIsNone(second["usage"])  # the provider used no tokens for it
+        self.assertEqual(first["usage"]["source"], "reported")
+        self.assertNotEqual(second["request_id"], first["request_id"])
 
 
 class RedisOutageTests(EventsDaemonCase):

@@ -21,6 +21,9 @@ from llmproxy.events.schema import decode_content
 from llmproxy.events.tokenize import count_tokens
 from llmproxy.proxy.record import RequestRecord
 
+#: cache_status values of answers that never reached the provider.
+CACHE_HITS = frozenset({"hit", "conditional-hit"})
+
 REPORTED = "reported"
 ESTIMATED = "estimated"
 
@@ -570,10 +573,13 @@ def make_usage_tap(record: RequestRecord, response: Any) -> SSEUsageTap | JSONUs
 def ensure_usage(record: RequestRecord) -> None:
     """
     Fill C{record.usage}/C{record.model} from the captured response body
-    when no tap did (cache hits, or a proxy without taps).
+    when no tap did (a proxy without taps). Cache hits keep no usage: the
+    provider used no tokens for them.
     """
     if record.model is None and record.request_body:
         record.model = prompt_text(record.request_body)[1]
+    if record.cache_status in CACHE_HITS:
+        return  # answered from the cache: the provider used no tokens
     if record.usage is not None or not (200 <= record.status < 300) or not record.response_body:
         return
     content_type = ""
