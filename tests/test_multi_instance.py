@@ -119,9 +119,12 @@ class TwoInstances(TestCase):
     """
 
     timeout = 120
+    #: Added to the daemons' environment by a subclass.
+    extra_env: dict[str, str] = {}
 
     async def setUp(self) -> None:  # type: ignore[override]
         database_url = new_postgres_database(self)
+        self.database = sa.engine.make_url(database_url).database
         self.redis = RedisServer()
         self.addCleanup(self.redis.cleanup)
         self.redis.start()
@@ -157,6 +160,7 @@ class TwoInstances(TestCase):
             "LOG_FORMAT": "text",
             "ACCESS_LOG": "off",
             "USAGE_FLUSH_INTERVAL": "0.2",
+            **self.extra_env,
         }
         a, b = await defer.gatherResults(
             [threads.deferToThread(self._start, name) for name in ("a", "b")],
@@ -526,3 +530,98 @@ class RedisRestartTests(TwoInstances):
             ):
                 self.assertIn(line, log)
         self.assertGreater(len(self.fake.requests), upstream_before)
+
+
+def set_database_reachable(name: str, reachable: bool) -> None:
+    """
+    Take one database away from every client (refuse new connections, end
+    the open ones) or give it back; the server and its other databases are
+    untouched.
+    """
+    admin = sa.create_engine(
+        postgres_url(POSTGRES_DSN), poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+    )
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS {reachable}"))
+            if not reachable:
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :name"
+                    ),
+                    {"name": name},
+                )
+    finally:
+        admin.dispose()
+
+
+class DatabaseOutageTests(TwoInstances):
+    """The shared database goes away for a while, then returns."""
+
+    # the project guard's cache outlives the outage, so cached tokens keep working
+    extra_env = {"LLM_PROXY_ACTIVE_CACHE_TTL": "60"}
+
+    async def test_database_outage(self) -> None:
+        def scenario() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            cached = self.new_token(self.a)
+            limited = self.new_token(self.a, max_requests=5)
+            unseen = self.new_token(self.a)
+            for daemon in (self.a, self.b):
+                self.assertEqual(self.chat(daemon, cached["token"])[0], 200)
+                self.assertEqual(self.chat(daemon, limited["token"])[0], 200)
+            self.addCleanup(set_database_reachable, self.database, True)
+            set_database_reachable(self.database, False)
+            upstream = len(self.fake.requests)
+            out["ready_down"], _ = poll(
+                lambda: (
+                    all(self.ready(d)[0] == 503 for d in (self.a, self.b))
+                    and [self.ready(d) for d in (self.a, self.b)]
+                ),
+                10.0,
+                interval=0.1,
+            )
+            out["cached"] = [self.chat(d, cached["token"]) for d in (self.a, self.b)]
+            out["limited"] = [self.chat(d, limited["token"]) for d in (self.a, self.b)]
+            out["unseen"] = [self.chat(d, unseen["token"]) for d in (self.a, self.b)]
+            out["manage"] = http(self.b.url + "/manage/projects", token=MT)
+            out["upstream_down"] = len(self.fake.requests) - upstream
+
+            set_database_reachable(self.database, True)
+            out["ready_again"], out["recovery"] = poll(
+                lambda: all(self.ready(d)[0] == 200 for d in (self.a, self.b)), 20.0, 0.1
+            )
+            out["limited_after"] = [self.chat(d, limited["token"]) for d in (self.a, self.b)]
+            out["unseen_after"] = self.chat(self.b, unseen["token"])
+
+            def counted() -> dict[str, Any] | None:
+                token = self.manage(self.a, "GET", f"/manage/tokens/{cached['id']}")
+                return token if token["request_count"] == 4 else None
+
+            # the counts of the requests served during the outage were kept and written
+            out["cached_row"], _ = poll(counted, 5.0, interval=0.2)
+            out["limited_row"] = self.manage(self.a, "GET", f"/manage/tokens/{limited['id']}")
+            return out
+
+        out = await self.blocking(scenario)
+        self.assertTrue(out["ready_down"], "/ready did not report the database outage")
+        for status, _, body in out["ready_down"]:
+            self.assertEqual(status, 503)
+            self.assertIn("database", body["error"])
+            self.assertNotEqual(body["checks"]["database"], "ok")
+            for name in REDIS_CHECKS:
+                self.assertEqual(body["checks"][name], "ok")
+        # tokens and projects already cached are served
+        self.assertEqual([status for status, _, _ in out["cached"]], [200, 200])
+        # quotas fail closed: the request cannot be counted, so it is refused
+        for status, _, body in out["limited"] + out["unseen"]:
+            self.assertEqual((status, body["code"]), (401, "invalid_token"), body)
+        self.assertEqual(out["upstream_down"], 2)
+        self.assertEqual(out["manage"][0] // 100, 5, out["manage"])
+        # back: everything works again without a restart
+        self.assertTrue(out["ready_again"], "/ready did not recover")
+        self.assertEqual([status for status, _, _ in out["limited_after"]], [200, 200])
+        self.assertEqual(out["unseen_after"][0], 200)
+        self.assertIsNotNone(out["cached_row"], "usage counted during the outage was lost")
+        self.assertEqual(out["limited_row"]["request_count"], 4)
