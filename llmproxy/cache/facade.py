@@ -208,9 +208,23 @@ class ResponseCache:
         project guard passed (the scope is the project), before the request
         is counted or sent upstream.
         """
-        return defer.ensureDeferred(
-            self._lookup(_text(method).upper(), _text(uri), headers, body, project_id)
-        )
+        method_s = _text(method).upper()
+        if not policy.lookup_eligible(method_s, headers, body):
+            # The common case (a POST without opt-in): answer without a
+            # coroutine round trip.
+            url = policy.normalise_url(_text(uri))
+            scope = policy.scope_for(project_id, self.shared)
+            self._count("cache_miss")
+            return defer.succeed(
+                LookupResult(
+                    UNCACHEABLE,  # type: ignore[arg-type]
+                    method=method_s,
+                    url=url,
+                    scope=scope,
+                    request_headers=headers,
+                )
+            )
+        return defer.ensureDeferred(self._lookup(method_s, _text(uri), headers, body, project_id))
 
     async def _lookup(
         self, method: str, uri: str, headers: Headers, body: bytes | None, project_id: str | None

@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from llmproxy.cache import policy
 from llmproxy.cache.facade import (
     BYPASS,
     MISS,
@@ -68,7 +69,10 @@ async def answer_from_cache(
     forward upstream, adding C{result.upstream_headers()} to the upstream
     request, and keep C{result} for L{prepare_store}.
     """
-    body = request_body(request) if request.method == b"POST" else None
+    body = None
+    if request.method == b"POST" and policy.client_forced_ttl(request.requestHeaders) > 0:
+        # Only an opted-in POST is looked up; do not copy other bodies.
+        body = request_body(request)
     result = await cache.lookup(
         request.method, request.uri, request.requestHeaders, body, record.project_id
     )
