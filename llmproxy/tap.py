@@ -108,8 +108,14 @@ def build_worker_pool(config: Config, options: Options, reactor: Any) -> IServic
     for name in ("drain-timeout", "api-config", "db", "log-level", "file-event-log"):
         if options[name]:
             passthrough += [f"--{name}", options[name]]
+    from llmproxy.pubsub import pubsub_address
+
     env: dict[str, str] = {}
-    if not config.distributed_rate_limit_enabled and config.http_cache_backend != "redis":
+    try:
+        shares_invalidations = pubsub_address(config) is not None
+    except ValueError:  # an unusable REDIS_CACHE_URL: the cache falls back to memory
+        shares_invalidations = False
+    if not shares_invalidations:
         # Without Redis pub/sub the workers cannot tell each other about a
         # revocation; keep their in-process caches short so every worker
         # enforces it within a second.

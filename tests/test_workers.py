@@ -32,6 +32,39 @@ class ParseTests(SynchronousTestCase):
         self.assertRaises(ValueError, parse_tcp_endpoint, "unix:/tmp/s")
 
 
+class _NoReactor:
+    def callWhenRunning(self, f: object) -> None:
+        pass
+
+
+class WorkerCacheTTLTests(SynchronousTestCase):
+    """Workers that cannot hear each other's invalidations keep caches for 1 s at most."""
+
+    def worker_env(self, **env: str) -> dict[str, str]:
+        from llmproxy.config import Config
+        from llmproxy.tap import Options, build_worker_pool
+
+        missing = os.path.join(self.mktemp(), "none.yaml")
+        config = Config.from_env(
+            {"MANAGEMENT_TOKEN": "mt-workers", "API_CONFIG_PATH": missing, "WORKERS": "2", **env}
+        )
+        options = Options()
+        options["config"] = config
+        (pool,) = list(build_worker_pool(config, options, _NoReactor()))
+        return dict(pool.worker_env)
+
+    def test_without_redis(self) -> None:
+        self.assertEqual(self.worker_env()["TOKEN_CACHE_TTL"], "1.0")
+
+    def test_redis_cache_that_is_switched_off_shares_nothing(self) -> None:
+        env = self.worker_env(HTTP_CACHE_BACKEND="redis", HTTP_CACHE_ENABLED="false")
+        self.assertEqual(env["LLM_PROXY_ACTIVE_CACHE_TTL"], "1.0")
+
+    def test_with_redis_pubsub(self) -> None:
+        for setting in ({"HTTP_CACHE_BACKEND": "redis"}, {"INVALIDATION_PUBSUB": "true"}):
+            self.assertNotIn("TOKEN_CACHE_TTL", self.worker_env(**setting))
+
+
 class WorkersEndToEndTests(SynchronousTestCase):
     def test_two_workers_serve_restart_and_stop(self) -> None:
         workdir = self.mktemp()
