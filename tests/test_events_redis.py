@@ -138,6 +138,10 @@ class ConsumerTests(RedisTestCase):
         yield defer.ensureDeferred(b.ack([e.id for e in claimed]))
         lag = yield defer.ensureDeferred(b.lag())
         self.assertEqual(lag, {"pending": 0, "length": 4})
+        self.assertTrue((yield defer.ensureDeferred(b.leave())))
+        self.assertTrue((yield defer.ensureDeferred(a.leave())))  # its entries went to "b"
+        consumers = yield self.admin.execute_command("XINFO", "CONSUMERS", self.key, "group")
+        self.assertEqual(consumers, [])
 
 
 class ConsumerOutageTests(RedisTestCase):

@@ -467,6 +467,21 @@ class RedisStreamConsumer:
         if ids:
             await self._call(self.pool, "XACK", self.stream_key, self.group, *ids)
 
+    async def leave(self) -> bool:
+        """
+        On a clean stop: remove this consumer from the group when it holds
+        no pending entries (generated names would otherwise pile up there).
+        """
+        mine = await self._call(
+            self.pool, "XPENDING", self.stream_key, self.group, "-", "+", 1, self.consumer
+        )
+        if mine:
+            return False
+        await self._call(
+            self.pool, "XGROUP", "DELCONSUMER", self.stream_key, self.group, self.consumer
+        )
+        return True
+
     async def lag(self) -> dict[str, int]:
         """Pending count (XPENDING) and stream length (XLEN), for health."""
         summary = await self._call(self.pool, "XPENDING", self.stream_key, self.group)

@@ -49,6 +49,10 @@ class RedisSource:
         await self.consumer.ack([e.id for e in entries])
 
     async def close(self) -> None:
+        try:
+            await self.consumer.leave()
+        except Exception:
+            pass  # a consumer left behind only shows up in XINFO CONSUMERS
         for pool in self.pools:
             try:
                 await defer.maybeDeferred(pool.disconnect)
