@@ -140,6 +140,18 @@ class SinkTests(TestCase):
         self.flushLoggedErrors()
 
     @defer.inlineCallbacks
+    def test_file_sink_from_the_in_process_bus(self) -> Any:
+        from llmproxy.events.dispatcher.sinks import FileSink
+
+        path = os.path.join(os.path.abspath(self.mktemp()), "events.jsonl")
+        bus, d = self.dispatcher(FileSink(path, reactor), batch_size=2)
+        for n in range(3):
+            bus.publish(event(n))
+        yield defer.ensureDeferred(wait_for(lambda: d.stats["sent"] == 3))
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual([json.loads(line)["event_id"] for line in f], ["ev-0", "ev-1", "ev-2"])
+
+    @defer.inlineCallbacks
     def test_permanent_400_drops_the_batch(self) -> Any:
         receiver, url = self.receiver([400])
         bus, d = self.dispatcher(WebhookSink(url, "", self.http()))
