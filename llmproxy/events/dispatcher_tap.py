@@ -44,7 +44,7 @@ class Options(usage.Options):
         ["endpoint", "e", None, "File path or URL (DISPATCHER_ENDPOINT)."],
         ["api-key", "k", None, "API key for helicone/lunary/webhook (LLM_PROXY_API_KEY)."],
         ["batch-size", "b", None, "Events per batch (DISPATCHER_BATCH_SIZE, 100)."],
-        ["buffer", None, None, "Events held in memory (DISPATCHER_BUFFER, 1000)."],
+        ["buffer", None, None, "Accepted for compatibility (DISPATCHER_BUFFER)."],
         ["flush-interval", None, "5", "Seconds before a partial batch is sent."],
         ["port", "p", None, "Optional endpoint for GET /health (e.g. tcp:9090)."],
         ["log-level", None, None, "debug | info | warn | error (LOG_LEVEL)."],
