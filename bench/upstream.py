@@ -9,9 +9,9 @@ fake once for the answer to the benchmark's request (C{--request FILE}, the
 exact body bench/run.py sends) and from then on answers byte-identical
 requests on a keep-alive connection with that recorded answer, from a plain
 Protocol that does nothing else. Any other request (streams, C{X-Fake-*}
-knobs, big bodies, other paths) hands the connection over to the fake
-upstream's own HTTPChannel for the rest of its life, so every other behaviour
-is the fake's.
+knobs, big bodies, other paths) is handed to the fake upstream's own
+HTTPChannel on the same connection, so every other behaviour is the fake's;
+once that answer is complete the fast path takes the connection back.
 
 It also forgets what the fake recorded every second (flat memory over
 hundreds of thousands of requests) and listens with a deep backlog (a thousand
@@ -44,9 +44,10 @@ class FastPath(Protocol):
         self.addr = addr
         self.buf = b""
         self.delegate: Any = None
+        self.delegate_busy = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self.delegate is not None:
+        if self.delegate_busy:
             self.delegate.dataReceived(data)
             return
         self.buf += data
@@ -80,9 +81,23 @@ class FastPath(Protocol):
                 return
 
     def _hand_over(self) -> None:
+        """Let the fake's own HTTPChannel answer this request (then take over again)."""
         STATS["handed_over"] += 1
-        self.delegate = self.factory.site.buildProtocol(self.addr)
-        self.delegate.makeConnection(self.transport)
+        if self.delegate is None:
+            self.delegate = self.factory.site.buildProtocol(self.addr)
+            self.delegate.makeConnection(self.transport)
+            channel = getattr(self.delegate, "wrappedProtocol", self.delegate)
+            # twisted.web wraps its HTTPChannel in a protocol that could switch to HTTP/2
+            channel = getattr(channel, "_channel", channel)
+            request_done = channel.requestDone
+
+            def done(request: Any) -> None:
+                request_done(request)
+                channel.setTimeout(None)  # idle time is ours to judge, not the channel's
+                self.delegate_busy = False
+
+            channel.requestDone = done
+        self.delegate_busy = True
         data, self.buf = self.buf, b""
         self.delegate.dataReceived(data)
 
@@ -131,9 +146,7 @@ async def start(port: int, backlog: int, request_body: bytes) -> None:
 
 
 def _report() -> None:
-    print(
-        f"fast answers {STATS['fast']}, connections handed over {STATS['handed_over']}", flush=True
-    )
+    print(f"fast answers {STATS['fast']}, requests handed over {STATS['handed_over']}", flush=True)
 
 
 def main() -> None:
