@@ -388,9 +388,10 @@ class RedisRestartTests(TwoInstances):
             out: dict[str, Any] = {}
             traffic_token = self.new_token(self.a)["token"]
             before, during, patched = (self.new_token(self.a) for _ in range(3))
+            counted = self.new_token(self.a, max_requests=1000)
             cache_token = self.new_token(self.a)["token"]
             for daemon in (self.a, self.b):  # both instances have them cached
-                for token in (before, during, patched):
+                for token in (before, during, patched, counted):
                     self.assertEqual(self.chat(daemon, token["token"])[0], 200)
             out["ready_before"], _ = poll(self.both_ready(200), 10.0, interval=0.1)
             out["hit_before"] = self.cache_hit_across(cache_token, "before")
@@ -431,6 +432,10 @@ class RedisRestartTests(TwoInstances):
                 # a revocation made now is enforced at once by the instance that made it
                 self.manage(self.a, "DELETE", f"/manage/tokens/{during['id']}", expect=204)
                 out["during_on_a"] = self.chat(self.a, during["token"])
+                # b has not heard of it yet, but a token with a quota is decided
+                # by the database on every request
+                self.manage(self.a, "DELETE", f"/manage/tokens/{counted['id']}", expect=204)
+                out["counted_on_b"] = self.chat(self.b, counted["token"])
                 out["traffic_down"] = len(traffic)
                 time.sleep(max(0.0, 2.0 - (time.monotonic() - stopped_at)))
 
@@ -496,8 +501,8 @@ class RedisRestartTests(TwoInstances):
         self.assertIsNone(hit)
         statuses = [status for status, _, _ in out["quota_down"]]
         self.assertEqual((statuses.count(200), statuses.count(429)), (10, 20), statuses)
-        status, _, body = out["during_on_a"]
-        self.assertEqual((status, body["code"]), (401, "token_inactive"))
+        for status, _, body in (out["during_on_a"], out["counted_on_b"]):
+            self.assertEqual((status, body["code"]), (401, "token_inactive"))
 
         # Redis back: ready again, shared invalidation and cache work again
         self.assertIsNotNone(out["ready_again"], "/ready did not recover")
