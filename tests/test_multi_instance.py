@@ -193,7 +193,7 @@ class TwoInstances(TestCase):
         """Blocking work (HTTP calls, polling) off the reactor thread."""
         return threads.deferToThread(f, *args)
 
-    # -- blocking helpers (called through run) ------------------------------------
+    # -- blocking helpers (called through blocking) -----------------------------------
 
     def manage(
         self, daemon: Daemon, method: str, path: str, body: Any = None, expect: int = 200
