@@ -799,7 +799,9 @@ def markdown(res: dict[str, Any]) -> str:
         f"llmproxy benchmark, {res['date']}; {m['nproc']} CPUs ({m['cpu_model']}), Python "
         f"{m['python']}, Twisted {m['twisted']}, load: {res['config']['generator']}"
     )
+    out.append("")
     out.append(f"command: `{res['command']}`")
+    out.append("")
     settings = " ".join(f"{k}={v}" for k, v in res["config"]["daemon_env"].items())
     out.append(f"llmproxy settings: defaults, except {settings}\n")
     avail = res["available"]
@@ -929,6 +931,38 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"\nProfile: {prof['error']}")
     for note in res.get("notes", []):
         out.append(f"\nNote: {note}")
+    return "\n".join(out) + "\n"
+
+
+def to_rst(md: str) -> str:
+    """The markdown report as reStructuredText (for docs/performance.rst to include)."""
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def cell(text: str) -> str:
+        text = text.strip().replace("*", "\\*")
+        if text == "-":
+            return "\\-"
+        return text.replace("`", "``") if text else "\\"
+
+    def flush() -> None:
+        if not table:
+            return
+        out.extend([".. list-table::", "   :header-rows: 1", ""])
+        for row in table:
+            out.append("   * - " + cell(row[0]))
+            out.extend("     - " + cell(c) for c in row[1:])
+        out.append("")
+        table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            if not set(line.strip()) <= set("|-: "):
+                table.append(line.strip().strip("|").split(" | "))
+            continue
+        flush()
+        out.append(line.replace("`", "``"))
+    flush()
     return "\n".join(out) + "\n"
 
 
@@ -1218,6 +1252,8 @@ def main(argv: list[str] | None = None) -> int:
         if "load" not in a.skip:
             monitor.phase("load")
             res["load"] = phase_load(rig)
+            _status, res["upstream_stats"] = http_json(upstream + "/__bench/stats")
+            log(f"upstream: {res['upstream_stats']}")
         if "stream" not in a.skip:
             monitor.phase("stream")
             res["stream"] = phase_stream(rig)
@@ -1254,10 +1290,12 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(res)
     with open(base + ".md", "w") as f:
         f.write(table)
+    with open(base + ".rst", "w") as f:
+        f.write(to_rst(table))
     print(table)
     if chart(res, base + ".png"):
         log(f"chart: {base}.png")
-    log(f"results: {base}.json, {base}.md")
+    log(f"results: {base}.json, .md, .rst")
     return 0
 
 

@@ -13,6 +13,8 @@ knobs, big bodies, other paths) is handed to the fake upstream's own
 HTTPChannel on the same connection, so every other behaviour is the fake's;
 once that answer is complete the fast path takes the connection back.
 
+C{GET /__bench/stats} answers how many requests took each path.
+
 It also forgets what the fake recorded every second (flat memory over
 hundreds of thousands of requests) and listens with a deep backlog (a thousand
 streams at once are not slowed by SYN retries).
@@ -23,6 +25,7 @@ streams at once are not slowed by SYN retries).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
@@ -57,6 +60,14 @@ class FastPath(Protocol):
             if end < 0:
                 return
             head = self.buf[:end].lower()
+            if head.startswith(b"get /__bench/stats http/1.1"):
+                self.buf = self.buf[end + 4 :]
+                body = json.dumps(STATS).encode()
+                self.transport.write(  # type: ignore[union-attr]
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                continue
             if not head.startswith(b"post /v1/chat/completions http/1.") or b"x-fake-" in head:
                 return self._hand_over()
             start = head.find(b"\r\ncontent-length:")
