@@ -943,15 +943,15 @@ def to_rst(md: str) -> str:
         text = text.strip().replace("*", "\\*")
         if text == "-":
             return "\\-"
-        return text.replace("`", "``") if text else "\\"
+        return text.replace("`", "``")
 
     def flush() -> None:
         if not table:
             return
         out.extend([".. list-table::", "   :header-rows: 1", ""])
         for row in table:
-            out.append("   * - " + cell(row[0]))
-            out.extend("     - " + cell(c) for c in row[1:])
+            out.append(("   * - " + cell(row[0])).rstrip())
+            out.extend(("     - " + cell(c)).rstrip() for c in row[1:])
         out.append("")
         table.clear()
 
