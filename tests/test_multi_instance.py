@@ -46,6 +46,18 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"
 OPT_IN = {"Cache-Control": "public, max-age=60"}
 REDIS_CHECKS = ("cache_redis", "ratelimit_redis", "invalidation_pubsub", "redis-event-bus")
 
+#: What each instance logs about a Redis outage and its end.
+LOG_LINES = (
+    "cache Redis unavailable",
+    "Redis is back: the response cache is in use again",
+    "rate-limit Redis unavailable",
+    "Redis is back: rate limits are shared again",
+    "invalidation subscriber lost its Redis connection",
+    "invalidation subscriber reconnected to Redis",
+    "event bus Redis unavailable",
+    "event bus Redis is back",
+)
+
 Reply = tuple[int, dict[str, str], Any]
 
 
@@ -477,6 +489,9 @@ class RedisRestartTests(TwoInstances):
                 }
                 for d in (self.a, self.b)
             ]
+            # the event bus probes Redis on its own schedule (backoff up to 5 s)
+            poll(lambda: all(line in d.log() for line in LOG_LINES for d in (self.a, self.b)), 15)
+            out["logs"] = [d.log() for d in (self.a, self.b)]
             return out
 
         upstream_before = len(self.fake.requests)
@@ -521,19 +536,9 @@ class RedisRestartTests(TwoInstances):
         for counts in out["metrics"]:
             for name, value in counts.items():
                 self.assertGreater(value, 0, name)
-        for daemon in (self.a, self.b):
-            log = daemon.log()
-            for line in (
-                "cache Redis unavailable",
-                "Redis is back: the response cache is in use again",
-                "rate-limit Redis unavailable",
-                "Redis is back: rate limits are shared again",
-                "invalidation subscriber lost its Redis connection",
-                "invalidation subscriber reconnected to Redis",
-                "event bus Redis unavailable",
-                "event bus Redis is back",
-            ):
-                self.assertIn(line, log)
+        for daemon, log in zip((self.a, self.b), out["logs"], strict=True):
+            for line in LOG_LINES:
+                self.assertIn(line, log, daemon.log_path)
         self.assertGreater(len(self.fake.requests), upstream_before)
 
 
