@@ -379,6 +379,14 @@ class Rig:
         best["noisy"] = self.a.quiet >= 0 and best["other_cpu_pct"] > self.a.noise
         return best
 
+    def warm(self, target: str) -> None:
+        """Warm-up load (connection pools, caches): not measured, never repeated."""
+        quiet, self.a.quiet = self.a.quiet, -1.0
+        try:
+            self._load_once(target, 10, self.a.warmup)
+        finally:
+            self.a.quiet = quiet
+
     def _load_once(self, target: str, conns: int, duration: float) -> dict[str, Any]:
         fn = loadgen.wrk_load if self.a.generator == "wrk" else loadgen.python_load
         pid = self.pid.get(target)
@@ -436,7 +444,7 @@ def phase_load(rig: Rig) -> dict[str, Any]:
     a = rig.a
     out: dict[str, Any] = {}
     for target in rig.available:  # warm-up: connection pools and caches
-        rig.load(target, 10, a.warmup)
+        rig.warm(target)
     for rnd in range(a.rounds):
         for conns in a.conns:
             order = (
@@ -643,7 +651,7 @@ def phase_workers(rig: Rig, procs: Processes, monitor: RssMonitor, upstream: str
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         a.loadgen_cpu_int = None
         for name in names:
-            rig.load(name, 10, a.warmup)
+            rig.warm(name)
         runs: dict[str, list[dict[str, Any]]] = {}
         for rnd in range(a.rounds):
             for name in names if rnd % 2 == 0 else names[::-1]:
