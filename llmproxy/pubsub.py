@@ -259,10 +259,15 @@ class RedisInvalidationBridge(service.Service):
     # -- readiness -------------------------------------------------------------
 
     def ready_check(self) -> defer.Deferred[None]:
-        """For C{/ready}: fails while the subscription is down."""
-        if self.subscribed:
-            return defer.succeed(None)
-        return defer.fail(RuntimeError("not subscribed to Redis invalidations"))
+        """
+        For C{/ready}: fails while the subscription is down, and while Redis
+        does not answer a PING (a hung Redis keeps the subscription open).
+        """
+        if not self.subscribed or self._pool is None:
+            return defer.fail(RuntimeError("not subscribed to Redis invalidations"))
+        d = call_with_timeout(self._pool.ping(), self.timeout * 2, self.clock)
+        d.addCallback(lambda _: None)
+        return d  # type: ignore[no-any-return]
 
 
 def pubsub_address(config: Any) -> RedisAddress | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import urllib.error
@@ -253,6 +254,48 @@ class TwoInstances(TestCase):
         with ThreadPoolExecutor(len(calls)) as pool:
             return list(pool.map(synced, calls))
 
+    def ready_states(self) -> list[Reply]:
+        return [self.ready(daemon) for daemon in (self.a, self.b)]
+
+    def both_ready(self, status: int) -> Callable[[], list[Reply] | None]:
+        def check() -> list[Reply] | None:
+            replies = self.ready_states()
+            return replies if all(r[0] == status for r in replies) else None
+
+        return check
+
+    def cache_hit_across(
+        self, token: str, marker: str, patience: float = 3.0
+    ) -> tuple[Reply, Reply | None]:
+        """
+        Store an answer through a (retrying for C{patience} seconds: right
+        after an outage the cache asks Redis again only once a second), then
+        poll b for the hit (3 s). The last reply through a, and b's hit.
+        """
+        headers = dict(OPT_IN, **{"X-Marker": marker})
+        body = dict(CHAT, user=marker)
+        last: list[Reply] = []
+
+        def stored() -> bool:
+            last[:] = [http(self.a.url + "/v1/chat/completions", "POST", body, token, headers)]
+            return last[0][1].get("x-proxy-cache") == "stored"
+
+        if not poll(stored, patience, interval=0.2)[0]:
+            return last[0], None
+
+        def hit() -> Reply | None:
+            reply = http(self.b.url + "/v1/chat/completions", "POST", body, token, headers)
+            return reply if reply[1].get("x-proxy-cache") == "hit" else None
+
+        found, _ = poll(hit, 3.0, interval=0.1)
+        return last[0], found
+
+    def window_shared(self, token: str) -> bool:
+        """One request through a, one through b: did b count a's request?"""
+        first = http(self.a.url + "/v1/models", token=token)[1]
+        second = http(self.b.url + "/v1/models", token=token)[1]
+        return int(second["ratelimit-remaining"]) == int(first["ratelimit-remaining"]) - 1
+
     def metric(self, daemon: Daemon, line_prefix: str) -> float:
         """The value of the first Prometheus sample starting with C{line_prefix} (0 if none)."""
         _, _, text = http(daemon.url + "/metrics/prometheus")
@@ -355,46 +398,6 @@ class SharedStateTests(TwoInstances):
 class RedisRestartTests(TwoInstances):
     """Redis stops while traffic flows through both instances, then returns."""
 
-    def ready_states(self) -> list[Reply]:
-        return [self.ready(daemon) for daemon in (self.a, self.b)]
-
-    def both_ready(self, status: int) -> Callable[[], list[Reply] | None]:
-        def check() -> list[Reply] | None:
-            replies = self.ready_states()
-            return replies if all(r[0] == status for r in replies) else None
-
-        return check
-
-    def cache_hit_across(self, token: str, marker: str) -> tuple[Reply, Reply | None]:
-        """Store through a, then poll b for the hit (3 s)."""
-        headers = dict(OPT_IN, **{"X-Marker": marker})
-        stored = http(
-            self.a.url + "/v1/chat/completions",
-            "POST",
-            dict(CHAT, user=marker),
-            token,
-            headers,
-        )
-
-        def hit() -> Reply | None:
-            reply = http(
-                self.b.url + "/v1/chat/completions",
-                "POST",
-                dict(CHAT, user=marker),
-                token,
-                headers,
-            )
-            return reply if reply[1].get("x-proxy-cache") == "hit" else None
-
-        found, _ = poll(hit, 3.0, interval=0.1)
-        return stored, found
-
-    def window_shared(self, token: str) -> bool:
-        """One request through a, one through b: did b count a's request?"""
-        first = http(self.a.url + "/v1/models", token=token)[1]
-        second = http(self.b.url + "/v1/models", token=token)[1]
-        return int(second["ratelimit-remaining"]) == int(first["ratelimit-remaining"]) - 1
-
     async def test_proxying_survives_a_redis_restart(self) -> None:
         def scenario() -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -420,7 +423,7 @@ class RedisRestartTests(TwoInstances):
                 daemons = [self.a, self.b]
                 i = 0
                 while not stop.is_set():
-                    traffic.append(self.chat(daemons[i % 2], traffic_token)[0])
+                    traffic.append(self.chat(daemons[i % 2], traffic_token, OPT_IN)[0])
                     i += 1
                     time.sleep(0.01)
 
@@ -435,7 +438,7 @@ class RedisRestartTests(TwoInstances):
                     self.both_ready(503), 10.0, interval=0.1
                 )
                 # the cache is missed (nothing stored, nothing served from Redis)
-                out["cache_down"] = self.cache_hit_across(cache_token, "down")
+                out["cache_down"] = self.cache_hit_across(cache_token, "down", patience=0)
                 # quotas live in the database: still exact
                 limited = self.new_token(self.b, max_requests=10)["token"]
                 out["quota_down"] = self.burst(
@@ -540,6 +543,81 @@ class RedisRestartTests(TwoInstances):
             for line in LOG_LINES:
                 self.assertIn(line, log, daemon.log_path)
         self.assertGreater(len(self.fake.requests), upstream_before)
+
+
+class RedisHangTests(TwoInstances):
+    """
+    Redis stops answering without closing its connections (the process is
+    paused): every call has to time out, nothing may wait for Redis.
+    """
+
+    async def test_proxying_does_not_wait_for_a_hung_redis(self) -> None:
+        freeze = 5.0
+
+        def scenario() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            token = self.new_token(self.a)
+            revoked = self.new_token(self.a)
+            for daemon in (self.a, self.b):
+                self.assertEqual(self.chat(daemon, revoked["token"])[0], 200)
+            self.assertTrue(poll(self.both_ready(200), 10.0, interval=0.1)[0])
+
+            stop = threading.Event()
+            traffic: list[tuple[int, float]] = []
+
+            def flow(daemon: Daemon) -> None:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    status = self.chat(daemon, token["token"], OPT_IN)[0]
+                    traffic.append((status, time.monotonic() - started))
+                    time.sleep(0.02)
+
+            flows = [threading.Thread(target=flow, args=(d,)) for d in (self.a, self.b)]
+            for t in flows:
+                t.start()
+            pid = self.redis.process.pid  # type: ignore[union-attr]
+            try:
+                time.sleep(0.3)
+                os.kill(pid, signal.SIGSTOP)
+                self.addCleanup(os.kill, pid, signal.SIGCONT)
+                frozen_at = time.monotonic()
+                out["ready_hung"] = [self.ready(d) for d in (self.a, self.b)]
+                time.sleep(max(0.0, freeze - (time.monotonic() - frozen_at)))
+                os.kill(pid, signal.SIGCONT)
+                out["ready_again"], out["recovery"] = poll(
+                    self.both_ready(200),
+                    20.0,
+                    interval=0.1,
+                )
+                self.manage(self.a, "DELETE", f"/manage/tokens/{revoked['id']}", expect=204)
+                out["revoked_on_b"] = self.refused_within(self.b, revoked["token"], 1.0)
+                cache_token = self.new_token(self.b)["token"]
+                out["hit_after"] = self.cache_hit_across(cache_token, "after-hang")
+            finally:
+                stop.set()
+                for t in flows:
+                    t.join()
+            out["traffic"] = traffic
+            return out
+
+        out = await self.blocking(scenario)
+        for status, _, body in out["ready_hung"]:
+            self.assertEqual(status, 503, body)
+            self.assertEqual(body["checks"]["database"], "ok")
+            for name in REDIS_CHECKS:
+                self.assertNotEqual(body["checks"][name], "ok", body)
+        statuses = [status for status, _ in out["traffic"]]
+        self.assertEqual(set(statuses), {200})
+        # every Redis call has a deadline: no request waited for Redis to wake up
+        slowest = max(seconds for _, seconds in out["traffic"])
+        self.assertLess(slowest, freeze / 2, sorted(seconds for _, seconds in out["traffic"]))
+        self.assertTrue(out["ready_again"], "/ready did not recover")
+        (status, _, body), delay = out["revoked_on_b"]
+        self.assertEqual((status, body["code"]), (401, "token_inactive"))
+        self.assertLess(delay, 1.0)
+        stored, hit = out["hit_after"]
+        self.assertEqual(stored[1].get("x-proxy-cache"), "stored", stored)
+        self.assertIsNotNone(hit, "no shared cache hit after Redis woke up")
 
 
 def set_database_reachable(name: str, reachable: bool) -> None:
