@@ -8,9 +8,12 @@ balancer relies on.
 - the Redis response cache and the Redis rate-limit windows are shared;
 - revocations, token PATCHes and project deactivations made through one
   instance are enforced by the other within a second;
-- when Redis stops mid-traffic, proxying goes on (cache misses, rate limits
-  fail open, quotas stay exact), C{/ready} names the Redis checks, and once
-  the same Redis is back everything shared works again by itself.
+- when Redis stops (or hangs) mid-traffic, proxying goes on (cache misses,
+  rate limits counted in process, quotas stay exact, no request waits for
+  Redis), C{/ready} names the Redis checks, and once the same Redis is back
+  everything shared works again by itself;
+- when the database refuses connections, cached tokens are served, what
+  cannot be checked or counted is refused, and everything recovers.
 
 Each test gets a fresh database and its own redis-server on a free port, so
 stopping Redis cannot disturb tests running beside it.
