@@ -373,6 +373,8 @@ def one_stream(url: str, headers: Mapping[str, str], body: bytes) -> dict[str, A
         "events": len(ms),
         "gap_median_ms": statistics.median(gaps) if gaps else None,
         "gap_max_ms": max(gaps) if gaps else None,
+        # which event came after the longest gap (1 = the second event)
+        "gap_max_at": gaps.index(max(gaps)) + 1 if gaps else None,
     }
 
 

@@ -563,6 +563,8 @@ def phase_stream(rig: Rig) -> dict[str, Any]:
             for k in ("ttfb_ms", "first_event_ms", "done_ms", "gap_median_ms")
         }
         summary[target]["gap_max_ms"] = max((r["gap_max_ms"] or 0) for r in rs)
+        summary[target]["gap_max_at"] = sorted({r["gap_max_at"] for r in rs}, key=str)
+        summary[target]["events"] = median([r["events"] for r in rs])
         summary[target]["ok"] = sum(r["ok"] for r in rs)
         summary[target]["n"] = len(rs)
         gap = summary[target]["gap_median_ms"]
@@ -575,7 +577,8 @@ def phase_stream(rig: Rig) -> dict[str, Any]:
         log(
             f"stream {target:<9} ttfb {s['ttfb_ms']:.3f} ms  first event {s['first_event_ms']:.3f}"
             f" ms  overhead {s.get('overhead_first_event_ms', 0):+.3f} ms  gaps median"
-            f" {s['gap_median_ms']:.1f} max {s['gap_max_ms']:.1f} ms"
+            f" {s['gap_median_ms']:.1f} max {s['gap_max_ms']:.1f} ms (before event"
+            f" {s['gap_max_at']} of {s['events']})"
             f"  {'BUFFERED' if s['buffered'] else 'streams'}"
         )
     return {"runs": runs, "summary": summary, "chunks": a.chunks, "pace_ms": a.pace_ms}
