@@ -31,7 +31,7 @@ setup(
         "bpe-openai>=0.1",
     ],
     extras_require={
-        "test": ["openai>=1.40", "coverage>=7.10"],
+        "test": ["openai>=1.40", "coverage>=7.10", "openapi-spec-validator>=0.7"],
         "bench": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["llmproxy = llmproxy.cli:main"]},
