@@ -15,9 +15,11 @@ from typing import IO, Any
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
@@ -67,13 +69,39 @@ class CompactJSONObserver:
             pass
 
 
+#: Library chatter that is only interesting when debugging: reconnection
+#: attempts of Redis clients (every second while Redis is down, per
+#: connection) and persistent connections closing. llmproxy logs one line of
+#: its own, rate-limited, when a dependency goes away and when it returns.
+_CHATTY_NAMESPACES = frozenset({"twisted.application._client_service.ClientService"})
+_CHATTY_TEXT = ("Discarding dead connection.",)
+
+
+@implementer(ILogFilterPredicate)
+class DemoteChatter:
+    """Show the chatter above only at C{LOG_LEVEL=debug}."""
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_level") not in (LogLevel.info, LogLevel.debug):
+            return PredicateResult.maybe
+        if event.get("log_namespace") in _CHATTY_NAMESPACES:
+            return PredicateResult.no
+        text = event.get("log_text") or event.get("log_format")
+        if text in _CHATTY_TEXT:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
 def make_observer(level: str, fmt: str, stream: IO[str] | None = None) -> ILogObserver:
     out = stream if stream is not None else sys.__stdout__
     assert out is not None
     base: ILogObserver = CompactJSONObserver(out) if fmt == "json" else textFileLogObserver(out)
-    return FilteringLogObserver(
-        base, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(level, LogLevel.info))]
-    )
+    predicates: list[ILogFilterPredicate] = [
+        LogLevelFilterPredicate(defaultLogLevel=_LEVELS.get(level, LogLevel.info))
+    ]
+    if level != "debug":
+        predicates.insert(0, DemoteChatter())
+    return FilteringLogObserver(base, predicates)
 
 
 def open_log_stream(path: str) -> IO[str] | None:
