@@ -701,7 +701,16 @@ def machine() -> dict[str, Any]:
         )
     import twisted
 
+    try:
+        commit = subprocess.run(
+            ["git", "-C", os.path.dirname(HERE), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
     return {
+        "commit": commit or "unknown",
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "kernel": platform.release(),
@@ -811,7 +820,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{m['python']}, Twisted {m['twisted']}, load: {res['config']['generator']}"
     )
     out.append("")
-    out.append(f"command: `{res['command']}`")
+    out.append(f"command: `{res['command']}` (llmproxy at commit {m.get('commit', 'unknown')})")
     out.append("")
     settings = " ".join(f"{k}={v}" for k, v in res["config"]["daemon_env"].items())
     out.append(f"llmproxy settings: defaults, except {settings}\n")
