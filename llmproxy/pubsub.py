@@ -289,5 +289,8 @@ def pubsub_address(config: Any) -> RedisAddress | None:
         or config.event_bus == "redis-streams"
     )
     if only_cache and config.redis_cache_url:
-        return RedisAddress.from_url(config.redis_cache_url)
+        try:
+            return RedisAddress.from_url(config.redis_cache_url)
+        except ValueError:
+            return None  # the cache logs why and keeps its entries in memory
     return RedisAddress.from_config(config)

@@ -111,11 +111,7 @@ def build_worker_pool(config: Config, options: Options, reactor: Any) -> IServic
     from llmproxy.pubsub import pubsub_address
 
     env: dict[str, str] = {}
-    try:
-        shares_invalidations = pubsub_address(config) is not None
-    except ValueError:  # an unusable REDIS_CACHE_URL: the cache falls back to memory
-        shares_invalidations = False
-    if not shares_invalidations:
+    if pubsub_address(config) is None:
         # Without Redis pub/sub the workers cannot tell each other about a
         # revocation; keep their in-process caches short so every worker
         # enforces it within a second.

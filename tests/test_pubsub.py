@@ -195,6 +195,10 @@ class PubSubAddressTests(SynchronousTestCase):
             address = self.address(REDIS_ADDR="redis.internal:6380", **env)
             self.assertEqual((address.host, address.port), ("redis.internal", 6380), env)
 
+    def test_unusable_cache_url_is_no_redis(self) -> None:
+        # the cache falls back to memory then; the daemon must still start
+        self.assertIsNone(self.address(HTTP_CACHE_BACKEND="redis", REDIS_CACHE_URL="http://x/0"))
+
     def test_cache_only_uses_cache_url(self) -> None:
         address = self.address(
             HTTP_CACHE_BACKEND="redis", REDIS_CACHE_URL="redis://:pw@cache.internal:6390/3"
