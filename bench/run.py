@@ -1216,6 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored
     if a.loadgen_cpu:
         os.sched_setaffinity(0, {int(a.loadgen_cpu)})
     try:
