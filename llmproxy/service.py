@@ -84,6 +84,10 @@ class DrainingWebService(StreamServerEndpointService):
     seconds to finish, and only then aborts what is left.
     """
 
+    #: A port that cannot be opened (in use, no permission) stops twistd
+    #: with the error instead of leaving a process that serves nothing.
+    _raiseSynchronously = True
+
     def __init__(
         self,
         endpoint: IStreamServerEndpoint,
