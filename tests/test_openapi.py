@@ -190,6 +190,10 @@ class OpenAPIDaemonTests(SynchronousTestCase):
                 status, headers, body = self.probe(template, method)
                 where = f"{method} {template}: {status} {body}"
                 self.assertIn(str(status), operation["responses"], where)
+                if status >= 400 and method != "head":
+                    # Every refusal is a JSON object with an error message.
+                    self.assertEqual(headers.get("Content-Type"), "application/json", where)
+                    self.assertIsInstance(body["error"], str, where)
                 if template == PROXY_TEMPLATE:
                     # Answered by the proxy, not a 404 from the web app.
                     self.assertIn(PROXY_MARKER, headers, where)
