@@ -96,7 +96,10 @@ def overhead_header(record: RequestRecord, now: float | None = None) -> tuple[by
     if now is None:
         now = time.monotonic()
     ms = proxy_overhead_seconds(record, now) * 1000.0
-    return OVERHEAD_HEADER, f"{ms:.2f}".encode("ascii")
+    text = f"{ms:.2f}"
+    # Kept on the record as sent, so the metrics need not search the headers.
+    record.overhead = float(text) / 1000.0
+    return OVERHEAD_HEADER, text.encode("ascii")
 
 
 def _overhead_from_headers(record: RequestRecord) -> float | None:
@@ -139,6 +142,9 @@ class Metrics:
             0,
         )
         self.in_flight: dict[int, RequestRecord] = {}
+        #: Labelled children by label values: C{metric.labels(...)} costs a
+        #: lock and several conversions on every call.
+        self._children: dict[tuple[Any, ...], Any] = {}
 
         self.uptime = Gauge("llm_proxy_uptime_seconds", "Seconds since start.", registry=r)
         self.uptime.set_function(self.uptime_seconds)
@@ -260,24 +266,34 @@ class Metrics:
     def request_started(self, record: RequestRecord) -> None:
         self.in_flight[id(record)] = record
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """C{metric.labels(*labels)}, made once per distinct label values."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request_finished(self, record: RequestRecord) -> None:
         self.in_flight.pop(id(record), None)
         provider = self._provider(record.provider)
         self.counts["request_count"] += 1
-        self._requests.labels(provider, status_class(record.status)).inc()
+        self._child(self._requests, provider, status_class(record.status)).inc()
         if record.status >= 400 or record.error_kind is not None or record.status == 0:
             self.counts["error_count"] += 1
             kind = record.error_kind or ("upstream_status" if record.status else "no_response")
-            self._errors.labels(provider, self._error_kind(kind)).inc()
+            self._child(self._errors, provider, self._error_kind(kind)).inc()
         duration = record.duration
         if duration is not None:
-            self._duration.labels(provider, "true" if record.streamed else "false").observe(
+            self._child(self._duration, provider, "true" if record.streamed else "false").observe(
                 max(0.0, duration)
             )
         ttfb = record.upstream_ttfb
         if ttfb is not None:
-            self._ttfb.labels(provider).observe(max(0.0, ttfb))
-        overhead = _overhead_from_headers(record)
+            self._child(self._ttfb, provider).observe(max(0.0, ttfb))
+        overhead = record.overhead
+        if overhead is None:
+            overhead = _overhead_from_headers(record)
         if overhead is None and record.finished_at is not None:
             # No header recorded: count what is known to be ours.
             end = (
@@ -317,10 +333,10 @@ class Metrics:
         self._events_dropped.labels(self._reason(reason)).inc(count)
 
     def token_cache_hit(self) -> None:
-        self._token_cache.labels("hit").inc()
+        self._child(self._token_cache, "hit").inc()
 
     def token_cache_miss(self) -> None:
-        self._token_cache.labels("miss").inc()
+        self._child(self._token_cache, "miss").inc()
 
     def ratelimit_rejected(self, scope: str) -> None:
         self._ratelimit_rejected.labels(self._reason(scope)).inc()
@@ -388,6 +404,8 @@ class MetricsObserver:
     """Feeds proxied requests into L{Metrics}; never raises into the proxy."""
 
     metrics: Metrics
+    #: Only times, status and the overhead are read, never bodies or usage.
+    wants_bodies = False
 
     def request_started(self, record: RequestRecord) -> None:
         self.metrics.request_started(record)

@@ -212,19 +212,35 @@ class ResponseCache:
         if not policy.lookup_eligible(method_s, headers, body):
             # The common case (a POST without opt-in): answer without a
             # coroutine round trip.
-            url = policy.normalise_url(_text(uri))
-            scope = policy.scope_for(project_id, self.shared)
-            self._count("cache_miss")
-            return defer.succeed(
-                LookupResult(
-                    UNCACHEABLE,  # type: ignore[arg-type]
-                    method=method_s,
-                    url=url,
-                    scope=scope,
-                    request_headers=headers,
-                )
-            )
+            return defer.succeed(self.uncacheable(method_s, uri, headers, project_id))
         return defer.ensureDeferred(self._lookup(method_s, _text(uri), headers, body, project_id))
+
+    def needs_lookup(self, method: bytes | str, headers: Headers) -> bool:
+        """
+        False when L{lookup} would answer L{UNCACHEABLE} whatever the body
+        (a method other than GET/HEAD, or a POST without the client's
+        opt-in): the caller may then use L{uncacheable} and skip reading the
+        body. Has no side effect.
+        """
+        method_s = _text(method).upper()
+        if method_s in ("GET", "HEAD"):
+            return True
+        return method_s == "POST" and policy.client_forced_ttl(headers) > 0
+
+    def uncacheable(
+        self, method: bytes | str, uri: bytes | str, headers: Headers, project_id: str | None
+    ) -> LookupResult:
+        """L{lookup}'s answer, at once, for a request L{needs_lookup} refused."""
+        url = policy.normalise_url(_text(uri))
+        scope = policy.scope_for(project_id, self.shared)
+        self._count("cache_miss")
+        return LookupResult(
+            UNCACHEABLE,  # type: ignore[arg-type]
+            method=_text(method).upper(),
+            url=url,
+            scope=scope,
+            request_headers=headers,
+        )
 
     async def _lookup(
         self, method: str, uri: str, headers: Headers, body: bytes | None, project_id: str | None

@@ -30,6 +30,11 @@ class EventPublisher:
         self.config = config
         self.enabled = bool(getattr(config, "observability_enabled", True))
 
+    @property
+    def wants_bodies(self) -> bool:
+        """Whether an event would be built (the proxy skips capturing bodies otherwise)."""
+        return self.enabled and bool(getattr(self.bus, "listening", True))
+
     def request_started(self, record: RequestRecord) -> None:
         pass
 

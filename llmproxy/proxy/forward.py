@@ -86,11 +86,11 @@ class BytesProducer:
     """A body already in memory, written in one go (no Cooperator needed)."""
 
     def __init__(self, body: bytes) -> None:
-        self._body = body
+        self.body = body
         self.length = len(body)
 
     def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self._body)
+        consumer.write(self.body)
         return defer.succeed(None)
 
     def pauseProducing(self) -> None:

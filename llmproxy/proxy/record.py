@@ -49,6 +49,8 @@ class RequestRecord:
     response_body: bytes = b""
     response_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     bytes_sent: int = 0
+    #: Seconds, as sent in C{X-Proxy-Overhead-Ms} (None when not sent).
+    overhead: float | None = None
 
     @property
     def duration(self) -> float | None:
@@ -67,3 +69,7 @@ class IRequestObserver(Interface):
 
     def request_finished(record: RequestRecord) -> None:
         """The response has ended (or failed); must not block or raise."""
+
+    # An observer may also have a C{wants_bodies} attribute: when every
+    # observer's is false, the proxy neither copies request and response
+    # bodies into the record nor fills its headers, model and usage.

@@ -10,7 +10,6 @@ has no backpressure and never cancels the upstream when the client leaves.
 from __future__ import annotations
 
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
@@ -59,7 +58,7 @@ from llmproxy.ratelimit.policy import RateLimitPolicy
 from llmproxy.store.records import Token
 from llmproxy.tokens.validator import Rejection, TokenValidator, extract_bearer
 from llmproxy.web.errors import json_error
-from llmproxy.web.site import client_ip
+from llmproxy.web.site import client_ip, new_request_id
 
 with warnings.catch_warnings():
     # twisted.web.proxy imports the deprecated HTTPClient; we only keep the
@@ -295,27 +294,110 @@ class ProxyResource(ReverseProxyResource):
             return NOT_DONE_YET
         exchange = _Exchange()
         request.notifyFinish().addErrback(exchange.lost)
-        d = defer.ensureDeferred(self._proxy(request, record, exchange))
-        d.addErrback(self._crashed, request, record)
+        try:
+            handled = self._proxy_now(request, record, exchange)
+        except Exception:
+            self._crashed(Failure(), request, record)
+            return NOT_DONE_YET
+        if not handled:
+            d = defer.ensureDeferred(self._proxy(request, record, exchange))
+            d.addErrback(self._crashed, request, record)
         return NOT_DONE_YET
 
     def _new_record(self, request: Request) -> RequestRecord:
-        rid = str(uuid.uuid4())
+        rid = new_request_id()
         request.request_id = rid  # type: ignore[attr-defined]
+        ip = client_ip(request)
+        request.client_ip = ip  # type: ignore[attr-defined]
         record = RequestRecord(
             request_id=rid,
             method=request.method.decode("latin-1"),
             path=request.uri.split(b"?", 1)[0].decode("utf-8", "replace"),
             received_at=time.monotonic(),
             received_at_wall=time.time(),
-            client_ip=client_ip(request),
+            client_ip=ip,
             provider=self.upstream.name,
         )
-        record.request_body = read_prefix(request.content, self.max_request_capture)
+        if self._recording():
+            record.request_body = read_prefix(request.content, self.max_request_capture)
         record.request_size = body_length(request.content)
         return record
 
+    def _recording(self) -> bool:
+        """
+        Whether some observer reads the bodies, headers, model and usage of
+        a record (C{wants_bodies}, True unless an observer says otherwise):
+        when none does, they are neither copied nor parsed.
+        """
+        for observer in self.observers:
+            if getattr(observer, "wants_bodies", True):
+                return True
+        return False
+
     # -- the proxied path --------------------------------------------------------------------
+
+    def _proxy_now(self, request: Request, record: RequestRecord, exchange: _Exchange) -> bool:
+        """
+        The common case without a coroutine: token and project cached, no
+        rate limit, no quota, a request the response cache need not look up
+        and a free upstream slot. Checks, counts and refusals happen in the
+        same order and with the same effects as in L{_proxy}. Returns False,
+        having changed nothing, when L{_proxy} has to take the request.
+        """
+        if self.rate_limits is not None:
+            return False
+        validator = self.validator
+        try:
+            presented = extract_bearer(request.getHeader(b"authorization"))
+        except Rejection:
+            return False
+        token = validator.cached_token(presented)
+        if token is None:
+            return False
+        project = None
+        if self.enforce_project_active:
+            project = validator.cached_project(token.project_id, validator.project_cache_ttl)
+            if project is None:
+                return False
+        key_project = validator.cached_project(token.project_id, validator.api_key_cache_ttl)
+        if key_project is None or not validator.counts_synchronously(token):
+            return False
+        cache = self.cache
+        if cache is not None and cache.needs_lookup(request.method, request.requestHeaders):
+            return False
+        semaphore = self.client.semaphore(self.upstream.name)
+        if semaphore.tokens <= 0:
+            return False
+        # Committed: from here on this request is answered on this path.
+        lookup: LookupResult | None = None
+        try:
+            validator.validate_cached(token)
+            record.token_id = token.id
+            record.project_id = token.project_id
+            record.token_hash = token.token_hash
+            if project is not None:
+                validator.check_cached_project(token, project)
+            if cache is not None:
+                try:
+                    lookup = cache.uncacheable(
+                        request.method, request.uri, request.requestHeaders, record.project_id
+                    )
+                except Exception:
+                    log.failure("cache lookup failed; going upstream")
+            validator.count_now(token)
+            api_key = validator.api_key_of(token, key_project)
+        except Rejection as rejection:
+            self._rejected(request, record, rejection, presented)
+            return True
+        semaphore.acquire()  # fires at once: a token is free
+        try:
+            d = self._exchange(request, record, exchange, token, api_key, lookup)
+        except BaseException:
+            semaphore.release()
+            raise
+        d.addBoth(_release, semaphore)
+        d.addErrback(self._crashed, request, record)
+        return True
 
     async def _proxy(self, request: Request, record: RequestRecord, exchange: _Exchange) -> None:
         presented: str | None = None
@@ -422,7 +504,7 @@ class ProxyResource(ReverseProxyResource):
         finally:
             semaphore.release()
 
-    async def _exchange(
+    def _exchange(
         self,
         request: Request,
         record: RequestRecord,
@@ -430,7 +512,8 @@ class ProxyResource(ReverseProxyResource):
         token: Token,
         api_key: str,
         lookup: LookupResult | None,
-    ) -> None:
+    ) -> defer.Deferred[None]:
+        """Send the request upstream; the Deferred fires once the answer has ended."""
         started_wall = time.time()
         headers = upstream_request_headers(
             request.requestHeaders,
@@ -446,7 +529,7 @@ class ProxyResource(ReverseProxyResource):
                 headers.setRawHeaders(name, [value])
         producer, body_size = body_producer(request.content, self.cooperator)
         if self.prepare_body is not None and request.method == b"POST" and body_size > 0:
-            producer = self._rewritten(request, record, body_size) or producer
+            producer = self._rewritten(request, record, body_size, producer) or producer
         url = self.upstream.origin + request.uri
         record.upstream_started_at = time.monotonic()
         d = self.client.agent.request(request.method, url, headers, producer)
@@ -456,36 +539,59 @@ class ProxyResource(ReverseProxyResource):
             timer = self.clock.callLater(
                 self.upstream.response_header_timeout, exchange.header_timeout
             )
-        try:
-            response = await d
-        except Exception:
-            failure = Failure()
-            if exchange.client_gone:
-                self._client_left(record)
-                return
-            status, error, code, description = describe_failure(
-                failure, timed_out=exchange.timed_out
-            )
-            log.warn(
-                "upstream {provider} failed before answering: {code} ({why})",
-                provider=self.upstream.name,
-                code=code,
-                why=failure.getErrorMessage(),
-            )
-            record.error_kind = "upstream_timeout" if status == 504 else code
-            self._error(request, record, status, error, code, description)
+        return d.addCallbacks(  # type: ignore[no-any-return]
+            self._answered,
+            self._unanswered,
+            callbackArgs=(request, record, exchange, lookup, started_wall, timer),
+            errbackArgs=(request, record, exchange, timer),
+        )
+
+    def _unanswered(
+        self,
+        failure: Failure,
+        request: Request,
+        record: RequestRecord,
+        exchange: _Exchange,
+        timer: Any,
+    ) -> None:
+        """The upstream request failed before response headers arrived."""
+        exchange.pending = None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if exchange.client_gone:
+            self._client_left(record)
             return
-        finally:
-            exchange.pending = None
-            if timer is not None and timer.active():
-                timer.cancel()
+        status, error, code, description = describe_failure(failure, timed_out=exchange.timed_out)
+        log.warn(
+            "upstream {provider} failed before answering: {code} ({why})",
+            provider=self.upstream.name,
+            code=code,
+            why=failure.getErrorMessage(),
+        )
+        record.error_kind = "upstream_timeout" if status == 504 else code
+        self._error(request, record, status, error, code, description)
+
+    def _answered(
+        self,
+        response: Any,
+        request: Request,
+        record: RequestRecord,
+        exchange: _Exchange,
+        lookup: LookupResult | None,
+        started_wall: float,
+        timer: Any,
+    ) -> defer.Deferred[None] | None:
+        """Response headers arrived: answer the client and relay the body."""
+        exchange.pending = None
+        if timer is not None and timer.active():
+            timer.cancel()
         record.upstream_headers_at = time.monotonic()
         headers_wall = time.time()
         record.status = response.code
         if exchange.client_gone:
             response.deliverBody(_Discard())
             self._client_left(record)
-            return
+            return None
         streamed = is_event_stream(response.headers)
         record.streamed = streamed
         request.setResponseCode(response.code, response.phrase)
@@ -496,16 +602,18 @@ class ProxyResource(ReverseProxyResource):
             # The client parses Content-Length out of the headers; pass it on
             # so the body is not re-chunked and a cut stays detectable.
             out.setRawHeaders(b"Content-Length", [str(length).encode()])
-        out.setRawHeaders(b"X-Proxy", [PROXY_NAME])
+        headers_at = rfc3339_ns(headers_wall)
+        out.setRawHeaders(b"X-Proxy", _PROXY_NAME)
         out.setRawHeaders(b"X-Request-ID", [record.request_id.encode()])
         out.setRawHeaders(b"X-Proxy-Received-At", [rfc3339_ns(record.received_at_wall)])
-        out.setRawHeaders(b"X-Proxy-First-Response-At", [rfc3339_ns(headers_wall)])
-        out.setRawHeaders(b"X-Proxy-Final-Response-At", [rfc3339_ns(headers_wall)])
+        out.setRawHeaders(b"X-Proxy-First-Response-At", [headers_at])
+        out.setRawHeaders(b"X-Proxy-Final-Response-At", [headers_at])
         out.setRawHeaders(b"X-Upstream-Request-Stop", [unix_ns(headers_wall)])
         if not streamed:
             out.setRawHeaders(b"X-Upstream-Request-Start", [unix_ns(started_wall)])
         self.policy.cors_headers(request)
-        taps = self._taps(record, response)
+        recording = self._recording()
+        taps = self._taps(record, response) if recording or record.usage_injected else []
         body_filter = next((t for t in taps if is_body_filter(t)), None)
         if body_filter is not None:
             taps.remove(body_filter)
@@ -522,18 +630,29 @@ class ProxyResource(ReverseProxyResource):
             if cache_tap is not None:
                 taps.append(cache_tap)
         out.setRawHeaders(*_one(overhead_header(record)))
-        record.response_headers = list(_flat_headers(out))
+        if recording:
+            record.response_headers = list(_flat_headers(out))
         relay = BodyRelay(
             request,
             self.clock,
             self.idle_timeout,
             taps=taps,
             body_filter=cast(IBodyFilter, body_filter),
-            capture_limit=self.max_response_capture,
+            capture_limit=self.max_response_capture if recording else 0,
         )
         exchange.relay = relay
         response.deliverBody(relay)
-        kind = await relay.done
+        return relay.done.addCallback(self._relayed, record, relay, taps, body_filter)
+
+    def _relayed(
+        self,
+        kind: str | None,
+        record: RequestRecord,
+        relay: BodyRelay,
+        taps: list[IBodyTap],
+        body_filter: IBodyTap | None,
+    ) -> None:
+        """The body ended (C{kind}: None when complete): close the record."""
         for tap in [*taps, *([body_filter] if body_filter is not None else [])]:
             try:
                 tap.body_ended(kind is None)
@@ -549,16 +668,20 @@ class ProxyResource(ReverseProxyResource):
             self._done(record, record.status)
 
     def _rewritten(
-        self, request: Request, record: RequestRecord, length: int
+        self, request: Request, record: RequestRecord, length: int, producer: Any
     ) -> BytesProducer | None:
         """The rewritten body's producer, or None to send the body as received."""
         assert self.prepare_body is not None
         if length > REWRITE_LIMIT:
             return None
         content_type = request.getHeader(b"content-type")
+        if isinstance(producer, BytesProducer):
+            received = producer.body
+        else:
+            received = read_prefix(request.content, length)
         try:
             body, changed = self.prepare_body(
-                read_prefix(request.content, length),
+                received,
                 content_type.decode("latin-1") if content_type else None,
                 request.uri.decode("utf-8", "replace"),
             )
@@ -639,6 +762,14 @@ class ProxyResource(ReverseProxyResource):
             self._done(record, 500)
             return
         self._error(request, record, 500, "Internal server error", "internal_error")
+
+
+_PROXY_NAME = [PROXY_NAME]
+
+
+def _release(result: Any, semaphore: defer.DeferredSemaphore) -> Any:
+    semaphore.release()
+    return result
 
 
 def _one(header: tuple[bytes, bytes]) -> tuple[bytes, list[bytes]]:

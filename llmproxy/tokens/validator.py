@@ -217,6 +217,56 @@ class TokenValidator:
             await self.count(token)
         return token
 
+    def cached_token(self, presented: str) -> Token | None:
+        """
+        The cached token for a well-formed C{presented} token, without any
+        side effect (no metrics, no checks), or None when L{validate} would
+        have to ask the store or refuse it. Lets the proxy take a
+        synchronous path; it must still run L{validate_cached} on the result.
+        """
+        if not is_valid_format(presented):
+            return None
+        return self._tokens.get(hash_token(presented), self.token_cache_ttl)
+
+    def validate_cached(self, token: Token) -> None:
+        """L{validate} (without counting) for a token L{cached_token} returned."""
+        if self.metrics is not None:
+            self.metrics.token_cache_hit()
+        self._check_usable(token)
+
+    def counts_synchronously(self, token: Token) -> bool:
+        """Whether L{count} needs no store round trip for C{token} (no quota)."""
+        return not (token.max_requests is not None and token.max_requests > 0)
+
+    def count_now(self, token: Token) -> None:
+        """L{count} for a token L{counts_synchronously} accepted."""
+        if self.usage is not None:
+            self.usage.add_request(token.token_hash, self.now())
+
+    def cached_project(self, project_id: str, max_age: float) -> Project | None:
+        """The cached project no older than C{max_age}, or None (no side effect)."""
+        if max_age <= 0:
+            return None
+        return self._projects.get(project_id, max_age)
+
+    def check_cached_project(self, token: Token, project: Project) -> None:
+        """L{check_project} for a project L{cached_project} returned."""
+        if not project.is_active:
+            raise Rejection(403, "Project is inactive", "project_inactive", token=token)
+
+    def api_key_of(self, token: Token, project: Project) -> str:
+        """L{api_key} for a project L{cached_project} returned."""
+        if not project.api_key:
+            raise Rejection(
+                503,
+                "Upstream authentication error",
+                "upstream_auth_error",
+                "failed to load upstream API key",
+                kind="dependency",
+                token=token,
+            )
+        return project.api_key
+
     async def count(self, token: Token) -> None:
         """
         Count one request that goes upstream (cache hits are not counted):

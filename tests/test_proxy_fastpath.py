@@ -1,0 +1,128 @@
+"""
+Requests answered on the proxy's synchronous path (token and project
+already cached) get exactly the answers of the first, uncached request.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from llmproxy.proxy.record import RequestRecord
+from llmproxy.testing.fake_upstream import FakeUpstream
+from tests.test_proxy import call, chat, client_agent, header, make_harness
+
+
+def same(answer: dict[str, Any]) -> dict[str, Any]:
+    """An answer without what the fake upstream changes on every request."""
+    return {k: v for k, v in answer.items() if k not in ("id", "created")}
+
+
+class Blind:
+    """An observer that reads no bodies (as the metrics observer)."""
+
+    wants_bodies = False
+
+    def __init__(self) -> None:
+        self.finished: list[RequestRecord] = []
+
+    def request_started(self, record: RequestRecord) -> None:
+        pass
+
+    def request_finished(self, record: RequestRecord) -> None:
+        self.finished.append(record)
+
+
+class CachedPathTests(TestCase):
+    timeout = 30
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.fake = FakeUpstream(clock=reactor)
+        listening = self.fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        self.h = await make_harness(self, listening.url)
+        self.audited: list[str] = []
+        self.h.resource.audit = lambda request, rejection, presented: self.audited.append(
+            rejection.code
+        )
+        self.agent = client_agent(self)
+        self.url = self.h.url + "/v1/chat/completions"
+
+    async def post(self, secret: str) -> tuple[int, Any, Any]:
+        response, body = await call(self.agent, self.url, token=secret, body=chat())
+        return response.code, json.loads(body), response
+
+    async def test_expiry_of_a_cached_token_is_checked(self) -> None:
+        clock = Clock()
+        clock.advance(time.time())
+        self.h.validator.clock = clock
+        secret, _ = self.h.add_token(
+            expires_at=datetime.datetime.fromtimestamp(clock.seconds() + 60, datetime.UTC)
+        )
+        self.assertEqual((await self.post(secret))[0], 200)
+        clock.advance(61)
+        status, body, response = await self.post(secret)
+        self.assertEqual(
+            (status, body), (401, {"error": "Token has expired", "code": "token_expired"})
+        )
+        self.assertEqual(len(header(response, "x-request-id") or ""), 36)
+        self.assertEqual(len(self.fake.requests), 1)
+        self.assertEqual(self.audited, ["token_expired"])
+        self.assertEqual(self.h.observer.finished[-1].status, 401)
+
+    async def test_cached_inactive_project_is_403_every_time(self) -> None:
+        self.h.store.projects[self.h.project.id] = attrs.evolve(self.h.project, is_active=False)
+        secret, _ = self.h.add_token()
+        answers = [(await self.post(secret))[:2] for _ in range(3)]
+        self.assertEqual(
+            answers, [(403, {"error": "Project is inactive", "code": "project_inactive"})] * 3
+        )
+        self.assertEqual(self.fake.requests, [])
+
+    async def test_cached_project_without_key_is_503_every_time(self) -> None:
+        self.h.store.projects[self.h.project.id] = attrs.evolve(self.h.project, api_key="")
+        secret, _ = self.h.add_token()
+        answers = [(await self.post(secret))[:2] for _ in range(3)]
+        expected = {
+            "error": "Upstream authentication error",
+            "description": "failed to load upstream API key",
+            "code": "upstream_auth_error",
+        }
+        self.assertEqual(answers, [(503, expected)] * 3)
+        self.assertEqual(self.fake.requests, [])
+
+    async def test_repeated_requests_are_answered_alike(self) -> None:
+        secret, token = self.h.add_token()
+        answers = [await self.post(secret) for _ in range(3)]
+        self.assertEqual([a[0] for a in answers], [200] * 3)
+        self.assertEqual([same(a[1]) for a in answers], [same(answers[0][1])] * 3)
+        ids = {header(a[2], "x-request-id") for a in answers}
+        self.assertEqual(len(ids), 3)
+        for upstream in self.fake.requests:
+            self.assertEqual(
+                upstream.header_values("authorization"), ["Bearer sk-upstream-0123456789abcdef"]
+            )
+        records = self.h.observer.finished
+        self.assertEqual([r.token_id for r in records], [token.id] * 3)
+        self.assertEqual([json.loads(r.request_body)["model"] for r in records], ["gpt-4o"] * 3)
+        self.assertEqual([json.loads(r.response_body) for r in records], [a[1] for a in answers])
+
+    async def test_without_body_readers_nothing_is_captured(self) -> None:
+        blind = Blind()
+        self.h.resource.observers = [blind]
+        secret, _ = self.h.add_token()
+        status, body, _ = await self.post(secret)
+        status2, body2, _ = await self.post(secret)
+        self.assertEqual((status, status2), (200, 200))
+        self.assertEqual(same(body2), same(body))
+        self.assertEqual([r.status for r in blind.finished], [200, 200])
+        self.assertEqual([r.request_body for r in blind.finished], [b"", b""])
+        self.assertEqual([r.response_body for r in blind.finished], [b"", b""])
+        self.assertIsNotNone(blind.finished[1].overhead)
