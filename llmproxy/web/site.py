@@ -259,12 +259,6 @@ class LLMProxySite(Site):
             # here, as 499 when nothing had been sent yet.
             status = request.code if request.startedWriting else 499
             self.access_log.line(request, status, request.sentLength)
-        if result is not None:
-            # The connection went away before the answer was complete, so
-            # Request.finish() (and with it Site.log) never runs: log it
-            # here, as 499 when nothing had been sent yet.
-            status = request.code if request.startedWriting else 499
-            self.access_log.line(request, status, request.sentLength)
         if self.draining and channel is not None:
             # Do not keep idle keep-alive connections once we are stopping.
             channel.persistent = False
