@@ -75,6 +75,20 @@ _REPLACED_DOWNSTREAM = frozenset(
 )
 
 
+#: What never crosses upstream, and what never comes back (before the
+#: names a C{Connection} header adds).
+_DROP_UPSTREAM = HOP_BY_HOP | CLIENT_IP_HEADERS | _REPLACED_UPSTREAM
+_DROP_DOWNSTREAM = HOP_BY_HOP | _REPLACED_DOWNSTREAM
+
+_PROXY_NAME = [PROXY_NAME]
+_PROXY_VERSION = [PROXY_VERSION]
+
+
+def _dropped(base: frozenset[bytes], headers: Headers) -> frozenset[bytes]:
+    named = connection_named(headers)
+    return base | named if named else base
+
+
 def connection_named(headers: Headers) -> set[bytes]:
     """Header names listed in C{Connection} (they are hop-by-hop too)."""
     named: set[bytes] = set()
@@ -128,14 +142,14 @@ def upstream_request_headers(
     and proxy-owned ones, plus the project's key and the proxy's own. The
     Agent adds C{Host} (the upstream's) and C{Content-Length}.
     """
-    drop = HOP_BY_HOP | CLIENT_IP_HEADERS | _REPLACED_UPSTREAM | connection_named(client)
+    drop = _dropped(_DROP_UPSTREAM, client)
     out = Headers()
     for name, values in client.getAllRawHeaders():
         if name.lower() not in drop:
             out.setRawHeaders(name, list(values))
     out.setRawHeaders(b"Authorization", [b"Bearer " + api_key.encode("utf-8")])
-    out.setRawHeaders(b"X-Proxy", [PROXY_NAME])
-    out.setRawHeaders(b"X-Proxy-Version", [PROXY_VERSION])
+    out.setRawHeaders(b"X-Proxy", _PROXY_NAME)
+    out.setRawHeaders(b"X-Proxy-Version", _PROXY_VERSION)
     out.setRawHeaders(b"X-Proxy-ID", [project_id.encode("utf-8")])
     out.setRawHeaders(b"X-Request-ID", [request_id.encode("utf-8")])
     out.setRawHeaders(b"X-UPSTREAM-REQUEST-START", [unix_ns(started_wall)])
@@ -148,7 +162,7 @@ def upstream_request_headers(
 
 def copy_response_headers(upstream: Headers, downstream: Headers) -> None:
     """Upstream response headers the client may see (all but hop-by-hop)."""
-    drop = HOP_BY_HOP | _REPLACED_DOWNSTREAM | connection_named(upstream)
+    drop = _dropped(_DROP_DOWNSTREAM, upstream)
     for name, values in upstream.getAllRawHeaders():
         if name.lower() not in drop:
             downstream.setRawHeaders(name, list(values))
