@@ -101,6 +101,21 @@ class DrainingWebService(StreamServerEndpointService):
         self.drain_timeout = drain_timeout
         self._flusher: Any = None
 
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # One line and a non-zero exit, like a configuration error.
+            import sys
+
+            reason = getattr(e, "socketError", None) or e
+            sys.stderr.write(
+                f"llmproxy: cannot listen on {e.interface or '*'}:{e.port}: {reason}\n"
+            )
+            raise SystemExit(1)
+
     def startService(self) -> None:
         super().startService()
         if self.site.access_log.enabled:
