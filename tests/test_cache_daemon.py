@@ -48,7 +48,8 @@ class CacheDaemonTests(SynchronousTestCase):
             (400, {"error": "method and url are required"}),
         )
         self.assertEqual(
-            self.purge(daemon, None, method="GET"), (405, {"error": "method not allowed"})
+            self.purge(daemon, None, method="GET"),
+            (405, {"error": "method not allowed", "code": "method_not_allowed"}),
         )
         status, _, _ = call(daemon, "POST", "/manage/cache/purge", {}, token="wrong")
         self.assertEqual(status, 401)

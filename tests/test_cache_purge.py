@@ -90,7 +90,9 @@ class PurgeRouteTests(SynchronousTestCase):
 
     def test_method_not_allowed(self) -> None:
         code, body, _ = self.call(method="GET", raw=b"")
-        self.assertEqual((code, body), (405, {"error": "method not allowed"}))
+        self.assertEqual(
+            (code, body), (405, {"error": "method not allowed", "code": "method_not_allowed"})
+        )
         self.assertIsNone(self.last_audit())
 
     def test_validation_messages(self) -> None:

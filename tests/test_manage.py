@@ -214,7 +214,8 @@ class ProjectTests(ManagementTestCase):
             "POST", "/manage/projects", {"name": "p", "api_key": "k" * 2000}
         )
         self.assertEqual(code, 413)
-        self.assert_json_error(headers, body, "request body too large")
+        self.assert_json_error(headers, body, "Request body too large")
+        self.assertEqual(body["code"], "request_too_large")
         self.assertEqual(self.successResultOf(self.h.store.list_projects()), [])
 
     def test_15_list_sorted_obfuscated(self) -> None:

@@ -25,6 +25,10 @@ log = Logger()
 PATH = "/manage/cache/purge"
 
 
+#: Same cap as the other management routes.
+MAX_BODY = 1024 * 1024
+
+
 class _BadJSON(ValueError):
     pass
 
@@ -82,13 +86,23 @@ class CachePurgeHandler:
         if denied is not None:
             return denied
         if request.method != b"POST":
-            return json_error(request, 405, "method not allowed")
+            request.setHeader(b"allow", b"POST")
+            return json_error(request, 405, "method not allowed", code="method_not_allowed")
         if self.cache is None:
             return self._failure(request, 400, "caching is disabled", "caching_disabled")
         assert request.content is not None
         request.content.seek(0)
+        raw = request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            return json_error(
+                request,
+                413,
+                "Request body too large",
+                code="request_too_large",
+                description=f"management request bodies are limited to {MAX_BODY} bytes",
+            )
         try:
-            fields = _decode(request.content.read())
+            fields = _decode(raw)
         except _BadJSON:
             return self._failure(request, 400, "invalid JSON", "invalid_json")
         method, url, prefix = (fields.get(k, "") for k in ("method", "url", "prefix"))

@@ -253,7 +253,10 @@ class ManagementAPI:
         raw = content.read(self.max_body + 1) if content is not None else b""
         if len(raw) > self.max_body:
             raise ApiError(
-                413, "request body too large", description=f"limit is {self.max_body} bytes"
+                413,
+                "Request body too large",
+                code="request_too_large",
+                description=f"management request bodies are limited to {self.max_body} bytes",
             )
         return decode_body(raw, fields)
 
@@ -267,7 +270,7 @@ class ManagementAPI:
         handler = handlers.get(method)
         if handler is None:
             request.setHeader(b"allow", ", ".join(sorted(handlers)).encode())
-            return json_error(request, 405, "method not allowed")
+            return json_error(request, 405, "method not allowed", code="method_not_allowed")
         try:
             return await handler(request, **kwargs)
         except ApiError as e:
