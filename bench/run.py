@@ -857,10 +857,13 @@ def markdown(res: dict[str, Any]) -> str:
                     cells = [str(int(v)) if v is not None else "n/a" for v in vals]
                 rcell = ratio(lp, bl) if key in ("rps", "p50_ms", "p90_ms", "p99_ms") else ""
                 out.append(f"| c={conns} {label} | " + " | ".join(cells) + f" | {rcell} |")
-        out.append(
-            "\n\\* other processes used more than --noise % of a core during every try of"
-            " this step.\n"
-        )
+        if any(v.get("noisy") for per in load.values() for v in per.values()):
+            out.append(
+                "\n\\* other processes used more than --noise % of a core during every try"
+                " of this step.\n"
+            )
+        else:
+            out.append("")
     st = res.get("stream", {}).get("summary", {})
     many = res.get("many", {})
     rss = res.get("rss", {})
@@ -1109,6 +1112,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__,
     )
     p.add_argument("--quick", action="store_true", help="smoke run: short steps, fewer streams")
+    p.add_argument(
+        "--report",
+        metavar="RESULT.json",
+        help="only redraw the table and chart of a recorded run (the only argument)",
+    )
     p.add_argument("--duration", type=float, help="seconds per load step (10; quick 3)")
     p.add_argument("--warmup", type=float, help="seconds of warm-up load per target (3; quick 1)")
     p.add_argument("--connections", default="1,10,100", help="keep-alive connections per step")
@@ -1196,7 +1204,27 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
+def write_report(res: dict[str, Any], base: str) -> None:
+    """C{base}.md, C{.rst} and C{.png} from a result; prints the table."""
+    table = markdown(res)
+    with open(base + ".md", "w") as f:
+        f.write(table)
+    with open(base + ".rst", "w") as f:
+        f.write(to_rst(table))
+    print(table)
+    if chart(res, base + ".png"):
+        log(f"chart: {base}.png")
+    log(f"results: {base}.json, .md, .rst")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if len(argv) == 2 and argv[0] == "--report":
+        # redraw the table and chart of a recorded run
+        with open(argv[1]) as f:
+            write_report(json.load(f), argv[1].removesuffix(".json"))
+        return 0
     a = parse_args(argv)
     stamp = datetime.datetime.now(datetime.UTC)
     workdir = tempfile.mkdtemp(prefix="llmproxy-bench-")
@@ -1308,15 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
     base = os.path.join(a.out, name)
     with open(base + ".json", "w") as f:
         json.dump(res, f, indent=1, default=str)
-    table = markdown(res)
-    with open(base + ".md", "w") as f:
-        f.write(table)
-    with open(base + ".rst", "w") as f:
-        f.write(to_rst(table))
-    print(table)
-    if chart(res, base + ".png"):
-        log(f"chart: {base}.png")
-    log(f"results: {base}.json, .md, .rst")
+    write_report(res, base)
     return 0
 
 
