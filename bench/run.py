@@ -833,6 +833,11 @@ def markdown(res: dict[str, Any]) -> str:
             + " | llmproxy / baseline |"
         )
         out.append("|---" * (len(avail) + 2) + "|")
+        for per in load.values():
+            for v in per.values():
+                if v.get("proxy_cpu_pct") and v.get("rps"):
+                    # CPU time per request: comparable across machines and loads
+                    v["cpu_us_per_req"] = v["proxy_cpu_pct"] * 1e4 / v["rps"]
         for conns in [str(c) for c in res["config"]["conns"]]:
             for key, label, unit in (
                 ("rps", "req/s", ""),
@@ -840,6 +845,7 @@ def markdown(res: dict[str, Any]) -> str:
                 ("p90_ms", "p90", " ms"),
                 ("p99_ms", "p99", " ms"),
                 ("proxy_cpu_pct", "proxy CPU", "%"),
+                ("cpu_us_per_req", "proxy CPU per request", " us"),
                 ("other_cpu_pct", "other processes' CPU", "%"),
                 ("errors", "errors", ""),
             ):
@@ -847,7 +853,9 @@ def markdown(res: dict[str, Any]) -> str:
                 lp = load.get("llmproxy", {}).get(conns, {}).get(key)
                 bl = load.get("baseline", {}).get(conns, {}).get(key)
                 cells = [
-                    fmt(v, unit) if not (key == "proxy_cpu_pct" and t == "direct") else "-"
+                    fmt(v, unit)
+                    if not (key in ("proxy_cpu_pct", "cpu_us_per_req") and t == "direct")
+                    else "-"
                     for v, t in zip(vals, avail, strict=True)
                 ]
                 if key == "rps":
@@ -855,7 +863,8 @@ def markdown(res: dict[str, Any]) -> str:
                     cells = [c + (" *" if n else "") for c, n in zip(cells, noisy, strict=True)]
                 elif key == "errors":
                     cells = [str(int(v)) if v is not None else "n/a" for v in vals]
-                rcell = ratio(lp, bl) if key in ("rps", "p50_ms", "p90_ms", "p99_ms") else ""
+                with_ratio = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_us_per_req")
+                rcell = ratio(lp, bl) if key in with_ratio else ""
                 out.append(f"| c={conns} {label} | " + " | ".join(cells) + f" | {rcell} |")
         if any(v.get("noisy") for per in load.values() for v in per.values()):
             out.append(
