@@ -217,7 +217,9 @@ class LLMProxySite(Site):
         # arguments, and Twisted's parse of Content-Type (through the email
         # package) cost ~12% of the proxy's CPU. Each request takes this
         # setting from the site in its constructor.
-        super().__init__(resource, timeout=request_timeout, parsePOSTFormSubmission=False)
+        super().__init__(
+            resource, timeout=request_timeout, parsePOSTFormSubmission=False, reactor=clock
+        )
         self.clock = clock
         self.max_request_size = max_request_size
         self.access_log = access_log or AccessLog(None)
