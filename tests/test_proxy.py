@@ -594,7 +594,11 @@ class UpstreamFailureTests(TestCase):
             self.assertEqual(response.code, 504)
         response, body = await call(agent, url, token=secret, body=chat())
         self.assertEqual(response.code, 503)
-        self.assertEqual(json.loads(body), {"error": "Upstream unavailable (circuit breaker open)"})
+        self.assertEqual(
+            json.loads(body),
+            {"error": "Upstream unavailable (circuit breaker open)", "code": "circuit_open"},
+        )
+        self.assertEqual(len(header(response, "x-request-id") or ""), 36)
         self.assertEqual(len(fake.requests), 5)
         # Even preflights and unauthenticated requests are refused while open.
         response, _ = await call(agent, url, method=b"OPTIONS")

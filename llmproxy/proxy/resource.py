@@ -271,7 +271,12 @@ class ProxyResource(ReverseProxyResource):
 
     def render(self, request: Request) -> Any:  # type: ignore[override]
         if not self.breaker.allow():
-            return json_error(request, 503, "Upstream unavailable (circuit breaker open)")
+            # No event and no upstream call, as in the Go llm-proxy, but the
+            # answer has its request id like every other one.
+            request.setHeader(b"X-Request-ID", new_request_id().encode())
+            return json_error(
+                request, 503, "Upstream unavailable (circuit breaker open)", code="circuit_open"
+            )
         record = self._new_record(request)
         self._notify("request_started", record)
         if request.method == b"OPTIONS":
