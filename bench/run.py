@@ -1147,9 +1147,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quiet",
         type=float,
-        default=25.0,
         help="before each load step wait until other processes use at most this %% of a core"
-        " (-1: do not wait)",
+        " (25; -1: do not wait, the default with --quick)",
     )
     p.add_argument("--quiet-wait", type=float, default=60.0, help="longest wait for quiet, s")
     p.add_argument(
@@ -1184,6 +1183,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.duration = a.duration or (3.0 if q else 10.0)
     a.warmup = a.warmup or (1.0 if q else 3.0)
     a.rounds = a.rounds or (1 if q else 2)
+    if a.quiet is None:
+        a.quiet = -1.0 if q else 25.0
     a.stream_runs = a.stream_runs or (5 if q else 10)
     a.streams = a.streams or (200 if q else 1000)
     a.streams_ramp = a.streams_ramp if a.streams_ramp is not None else a.streams / 100.0
