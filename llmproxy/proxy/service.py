@@ -20,12 +20,26 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgent
 
 from llmproxy.proxy.forward import CachedEndpointFactory
+from llmproxy.web.site import no_delay
 
 log = Logger()
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    """The pool's connection factory: no log line per connection, no Nagle delay."""
+
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        original_made = protocol.connectionMade
+
+        def connectionMade() -> None:
+            original_made()
+            no_delay(protocol.transport)
+
+        protocol.connectionMade = connectionMade  # type: ignore[method-assign]
+        return protocol
 
 
 class UpstreamClientService(service.Service):

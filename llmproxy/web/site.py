@@ -39,6 +39,20 @@ def client_ip(request: Request) -> str:
     return getattr(peer, "host", "") or ""
 
 
+def no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off: streamed events are small writes, and
+    waiting for the previous one's ACK delays them (by up to the peer's
+    delayed-ACK time on a real network). Transports without TCP ignore it.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 def new_request_id() -> str:
     """A random (version 4) UUID as text, four times cheaper than C{str(uuid.uuid4())}."""
     h = os.urandom(16).hex()
@@ -244,6 +258,13 @@ class LLMProxySite(Site):
                 original_lost(reason)
 
             channel.connectionLost = connectionLost
+            original_made: Callable[[], None] = channel.connectionMade
+
+            def connectionMade() -> None:
+                original_made()
+                no_delay(channel.transport)
+
+            channel.connectionMade = connectionMade
             self._channels.add(channel)
         return protocol
 
