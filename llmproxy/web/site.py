@@ -263,6 +263,10 @@ class LLMProxySite(Site):
             def connectionMade() -> None:
                 original_made()
                 no_delay(channel.transport)
+                # Every request asks for the local address; it cannot change
+                # during a connection, so ask the kernel once.
+                host = channel.transport.getHost()
+                channel.getHost = lambda: host
 
             channel.connectionMade = connectionMade
             self._channels.add(channel)
