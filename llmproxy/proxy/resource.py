@@ -9,6 +9,7 @@ has no backpressure and never cancels the upstream when the client leaves.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,7 +77,7 @@ log = Logger()
 CLIENT_CLOSED = 499
 
 
-@attrs.frozen
+@attrs.frozen(slots=False)
 class Upstream:
     """Where a provider lives and how long to wait for its response headers."""
 
@@ -104,6 +105,10 @@ class Upstream:
     @property
     def origin(self) -> bytes:
         """C{scheme://host[:port]}: the request path is appended as received."""
+        return self._origin
+
+    @functools.cached_property
+    def _origin(self) -> bytes:
         host = self.host
         if ":" in host:
             host = f"[{host}]"
