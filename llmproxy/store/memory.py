@@ -18,6 +18,7 @@ from zope.interface import implementer
 
 from llmproxy.store.interface import IStore
 from llmproxy.store.records import (
+    AUDIT_EQUALITY_FILTERS,
     AuditEvent,
     AuditQuery,
     DuplicateName,
@@ -27,17 +28,6 @@ from llmproxy.store.records import (
     UsageOutcome,
 )
 
-_EQUALITY_FILTERS = (
-    "action",
-    "client_ip",
-    "project_id",
-    "outcome",
-    "actor",
-    "request_id",
-    "correlation_id",
-    "method",
-    "path",
-)
 _SEARCH_FIELDS = (
     "request_id",
     "correlation_id",
@@ -69,7 +59,7 @@ def classify_token(token: Token | None, now: datetime.datetime) -> UsageOutcome:
 
 def audit_matches(event: AuditEvent, query: AuditQuery) -> bool:
     """The filter semantics every store implements (search is case-insensitive)."""
-    for name in _EQUALITY_FILTERS:
+    for name in AUDIT_EQUALITY_FILTERS:
         wanted = getattr(query, name)
         if wanted is not None and getattr(event, name) != wanted:
             return False

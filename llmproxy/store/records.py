@@ -80,6 +80,20 @@ class AuditQuery:
     end_time: datetime.datetime | None = None
 
 
+#: The L{AuditQuery} fields that filter by exact match.
+AUDIT_EQUALITY_FILTERS = (
+    "action",
+    "client_ip",
+    "project_id",
+    "outcome",
+    "actor",
+    "request_id",
+    "correlation_id",
+    "method",
+    "path",
+)
+
+
 class UsageOutcome(enum.Enum):
     """Result of atomically counting one request against a token."""
 

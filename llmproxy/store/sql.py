@@ -44,6 +44,7 @@ from llmproxy.store import schema
 from llmproxy.store.interface import IStore
 from llmproxy.store.memory import classify_token
 from llmproxy.store.records import (
+    AUDIT_EQUALITY_FILTERS,
     AuditEvent,
     AuditQuery,
     DuplicateName,
@@ -62,17 +63,6 @@ _MYSQL_LOCK_NAME = "llmproxy-migrations"
 _KEY_CHECK_PLAINTEXT = "llmproxy-encryption-key-check"
 
 _P, _T, _A = schema.projects.c, schema.tokens.c, schema.audit_events.c
-_AUDIT_EQUALITY = (
-    "action",
-    "client_ip",
-    "project_id",
-    "outcome",
-    "actor",
-    "request_id",
-    "correlation_id",
-    "method",
-    "path",
-)
 _AUDIT_SEARCH = (
     "request_id",
     "correlation_id",
@@ -480,7 +470,7 @@ def _audit_row(e: AuditEvent) -> dict[str, Any]:
 
 def _audit_where(query: AuditQuery) -> list[Any]:
     where: list[Any] = []
-    for name in _AUDIT_EQUALITY:
+    for name in AUDIT_EQUALITY_FILTERS:
         value = getattr(query, name)
         if value is not None:
             where.append(_A[name] == value)

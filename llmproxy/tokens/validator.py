@@ -89,6 +89,17 @@ class Rejection(Exception):
         return f"{self.status} {self.code}"
 
 
+def _no_api_key(token: Token) -> Rejection:
+    return Rejection(
+        503,
+        "Upstream authentication error",
+        "upstream_auth_error",
+        "failed to load upstream API key",
+        kind="dependency",
+        token=token,
+    )
+
+
 def _invalid(description: str) -> Rejection:
     return Rejection(401, "Invalid token", "invalid_token", description)
 
@@ -257,14 +268,7 @@ class TokenValidator:
     def api_key_of(self, token: Token, project: Project) -> str:
         """L{api_key} for a project L{cached_project} returned."""
         if not project.api_key:
-            raise Rejection(
-                503,
-                "Upstream authentication error",
-                "upstream_auth_error",
-                "failed to load upstream API key",
-                kind="dependency",
-                token=token,
-            )
+            raise _no_api_key(token)
         return project.api_key
 
     async def count(self, token: Token) -> None:
@@ -341,12 +345,5 @@ class TokenValidator:
             log.failure("loading the upstream API key failed")
             project = None
         if project is None or not project.api_key:
-            raise Rejection(
-                503,
-                "Upstream authentication error",
-                "upstream_auth_error",
-                "failed to load upstream API key",
-                kind="dependency",
-                token=token,
-            )
+            raise _no_api_key(token)
         return project.api_key

@@ -30,7 +30,14 @@ from llmproxy.audit.events import event_json, management_event, obfuscated_token
 from llmproxy.audit.writer import AuditWriterService
 from llmproxy.invalidation import InvalidationHub
 from llmproxy.store.interface import IStore
-from llmproxy.store.records import AuditQuery, DuplicateName, NotFound, Project, Token
+from llmproxy.store.records import (
+    AUDIT_EQUALITY_FILTERS,
+    AuditQuery,
+    DuplicateName,
+    NotFound,
+    Project,
+    Token,
+)
 from llmproxy.tokens.format import generate_token, hash_token, obfuscate_generic, obfuscate_token
 from llmproxy.web.auth import check_bearer
 from llmproxy.web.errors import json_body, json_error
@@ -923,19 +930,7 @@ class ManagementAPI:
                         400, f"invalid {name}", description="expected an RFC 3339 time"
                     ) from None
         filters: dict[str, Any] = {
-            name: (_arg(request, name) or None)
-            for name in (
-                "action",
-                "client_ip",
-                "project_id",
-                "outcome",
-                "actor",
-                "request_id",
-                "correlation_id",
-                "method",
-                "path",
-                "search",
-            )
+            name: (_arg(request, name) or None) for name in (*AUDIT_EQUALITY_FILTERS, "search")
         }
         query = AuditQuery(**filters, **times)
         # Events this instance queued a moment ago must be visible.
