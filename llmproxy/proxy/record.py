@@ -49,6 +49,9 @@ class RequestRecord:
     response_body: bytes = b""
     response_headers: list[tuple[bytes, bytes]] = attrs.field(factory=list)
     bytes_sent: int = 0
+    #: Whether bodies, headers, model and usage are captured for observers
+    #: (decided once when the request arrives; see C{wants_bodies} below).
+    capture: bool = True
     #: Seconds, as sent in C{X-Proxy-Overhead-Ms} (None when not sent).
     overhead: float | None = None
 

@@ -328,7 +328,8 @@ class ProxyResource(ReverseProxyResource):
             client_ip=ip,
             provider=self.upstream.name,
         )
-        if self._recording():
+        record.capture = self._recording()
+        if record.capture:
             record.request_body = read_prefix(request.content, self.max_request_capture)
         record.request_size = body_length(request.content)
         return record
@@ -382,9 +383,7 @@ class ProxyResource(ReverseProxyResource):
         lookup: LookupResult | None = None
         try:
             validator.validate_cached(token)
-            record.token_id = token.id
-            record.project_id = token.project_id
-            record.token_hash = token.token_hash
+            _identify(record, token)
             if project is not None:
                 validator.check_cached_project(token, project)
             if cache is not None:
@@ -415,9 +414,7 @@ class ProxyResource(ReverseProxyResource):
         try:
             presented = extract_bearer(request.getHeader(b"authorization"))
             token = await self.validator.validate(presented, count=False)
-            record.token_id = token.id
-            record.project_id = token.project_id
-            record.token_hash = token.token_hash
+            _identify(record, token)
             if self.enforce_project_active:
                 await self.validator.check_project(token)
             if self.rate_limits is not None:
@@ -474,9 +471,7 @@ class ProxyResource(ReverseProxyResource):
         presented: str | None,
     ) -> None:
         if rejection.token is not None:
-            record.token_id = rejection.token.id
-            record.project_id = rejection.token.project_id
-            record.token_hash = rejection.token.token_hash
+            _identify(record, rejection.token)
         record.error_kind = rejection.kind if rejection.kind != "dependency" else rejection.code
         if self.audit is not None and rejection.kind != "rate_limited":
             try:
@@ -622,7 +617,7 @@ class ProxyResource(ReverseProxyResource):
         if not streamed:
             out.setRawHeaders(b"X-Upstream-Request-Start", [unix_ns(started_wall)])
         self.policy.cors_headers(request)
-        recording = self._recording()
+        recording = record.capture
         taps = self._taps(record, response) if recording or record.usage_injected else []
         body_filter = next((t for t in taps if is_body_filter(t)), None)
         if body_filter is not None:
@@ -780,6 +775,13 @@ _PROXY_NAME = [PROXY_NAME]
 def _release(result: Any, semaphore: defer.DeferredSemaphore) -> Any:
     semaphore.release()
     return result
+
+
+def _identify(record: RequestRecord, token: Token) -> None:
+    """Which token, project and token hash the request belongs to."""
+    record.token_id = token.id
+    record.project_id = token.project_id
+    record.token_hash = token.token_hash
 
 
 def _one(header: tuple[bytes, bytes]) -> tuple[bytes, list[bytes]]:
