@@ -12,6 +12,11 @@ from urllib.parse import unquote, urlparse
 import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from llmproxy.logthrottle import LogThrottle
+
+log = Logger()
 
 
 @attrs.frozen
@@ -72,3 +77,62 @@ def connect(address: RedisAddress, poolsize: int = 2, connect_timeout: float = 1
 def call_with_timeout(d: defer.Deferred[Any], timeout: float, clock: IReactorTime) -> Any:
     """Errback with L{defer.TimeoutError} when C{d} takes longer than C{timeout}."""
     return d.addTimeout(timeout, clock)  # type: ignore[arg-type]
+
+
+class RedisOutage:
+    """
+    After a failed call Redis is left alone for C{retry_interval} seconds,
+    then one call probes it again; the outage is logged once a minute and
+    its end once. Shared by the components that degrade per call (cache,
+    rate limits) so each does not keep its own copy of this state.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        retry_interval: float,
+        component: str,
+        metrics: Any = None,
+        down_message: str = "",
+        back_message: str = "",
+        logger: Logger = log,
+    ) -> None:
+        self.clock = clock
+        self.retry_interval = retry_interval
+        self.component = component
+        self.metrics = metrics
+        self.down_message = down_message
+        self.back_message = back_message
+        self.log = logger
+        self.available = True
+        self._retry_at = 0.0
+        self._log = LogThrottle(clock, 60.0)
+
+    def skip(self) -> bool:
+        """True while Redis should not be called; a call after the pause probes it."""
+        if self.available:
+            return False
+        now = self.clock.seconds()
+        if now < self._retry_at:
+            return True
+        self._retry_at = now + self.retry_interval  # this call probes Redis
+        return False
+
+    def failed(self, error: BaseException, **fields: Any) -> None:
+        """A call failed: pause, count it, log (throttled) C{down_message}."""
+        self.available = False
+        self._retry_at = self.clock.seconds() + self.retry_interval
+        if self.metrics is not None:
+            self.metrics.redis_error(self.component)
+        suppressed = self._log.ready()
+        if suppressed is not None:
+            self.log.warn(
+                self.down_message, error=type(error).__name__, suppressed=suppressed, **fields
+            )
+
+    def succeeded(self) -> None:
+        """A call worked: log C{back_message} once if Redis had been away."""
+        if not self.available:
+            self.available = True
+            self._log.reset()
+            self.log.info(self.back_message)

@@ -31,8 +31,7 @@ from zope.interface import implementer
 from llmproxy.cache.entry import CachedResponse
 from llmproxy.cache.interface import CacheUnavailable, ICacheBackend
 from llmproxy.cache.policy import index_method
-from llmproxy.logthrottle import LogThrottle
-from llmproxy.redisconn import call_with_timeout
+from llmproxy.redisconn import RedisOutage, call_with_timeout
 
 log = Logger()
 
@@ -130,10 +129,20 @@ class RedisCacheBackend:
         self.timeout = timeout
         self.scan_count = scan_count
         self.metrics = metrics
-        self.retry_interval = retry_interval
-        self.available = True
-        self._retry_at = 0.0
-        self._log = LogThrottle(clock, 60.0)
+        self.outage = RedisOutage(
+            clock,
+            retry_interval,
+            "cache",
+            metrics,
+            down_message="cache Redis unavailable ({error}); requests go upstream as misses "
+            "({suppressed} similar failures since the last message)",
+            logger=log,
+            back_message="Redis is back: the response cache is in use again",
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.outage.available
 
     # -- key names ---------------------------------------------------------------
 
@@ -225,32 +234,12 @@ class RedisCacheBackend:
 
     @defer.inlineCallbacks
     def _call(self, command: Any) -> Any:
-        now = self.clock.seconds()
-        if not self.available:
-            if now < self._retry_at:
-                raise CacheUnavailable("Redis cache unavailable")
-            self._retry_at = now + self.retry_interval  # this call probes Redis
+        if self.outage.skip():
+            raise CacheUnavailable("Redis cache unavailable")
         try:
             result = yield call_with_timeout(command(), self.timeout, self.clock)
         except Exception as e:
-            self._failed(e)
+            self.outage.failed(e)
             raise CacheUnavailable(f"Redis cache call failed: {type(e).__name__}") from e
-        if not self.available:
-            self.available = True
-            self._log.reset()
-            log.info("Redis is back: the response cache is in use again")
+        self.outage.succeeded()
         return result
-
-    def _failed(self, error: Exception) -> None:
-        self.available = False
-        self._retry_at = self.clock.seconds() + self.retry_interval
-        if self.metrics is not None:
-            self.metrics.redis_error("cache")
-        suppressed = self._log.ready()
-        if suppressed is not None:
-            log.warn(
-                "cache Redis unavailable ({error}); requests go upstream as misses "
-                "({suppressed} similar failures since the last message)",
-                error=type(error).__name__,
-                suppressed=suppressed,
-            )

@@ -17,9 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from llmproxy.logthrottle import LogThrottle
 from llmproxy.ratelimit.interface import Decision, IRateLimiter, decide, fixed_window
-from llmproxy.redisconn import call_with_timeout
+from llmproxy.redisconn import RedisOutage, call_with_timeout
 
 log = Logger()
 
@@ -63,10 +62,20 @@ class RedisRateLimiter:
         self.prefix = prefix
         self._secret = key_secret.encode("utf-8")
         self.metrics = metrics
-        self.retry_interval = retry_interval
-        self.available = True
-        self._retry_at = 0.0
-        self._log = LogThrottle(clock, 60.0)
+        self.outage = RedisOutage(
+            clock,
+            retry_interval,
+            "ratelimit",
+            metrics,
+            down_message="rate-limit Redis unavailable ({error}); {mode} "
+            "({suppressed} similar failures since the last message)",
+            logger=log,
+            back_message="Redis is back: rate limits are shared again",
+        )
+
+    @property
+    def available(self) -> bool:
+        return self.outage.available
 
     def redis_key(self, key: str, window_start: int) -> str:
         ident = key
@@ -78,40 +87,20 @@ class RedisRateLimiter:
     def check(self, key: str, limit: int, window: float) -> Any:
         now = self.clock.seconds()
         start, reset = fixed_window(now, window)
-        if not self.available:
-            if now < self._retry_at:
-                result = yield self._degraded(key, limit, window, reset)
-                return result
-            self._retry_at = now + self.retry_interval  # this check probes Redis
+        if self.outage.skip():
+            result = yield self._degraded(key, limit, window, reset)
+            return result
         ttl = max(1, math.ceil(window)) + 1  # the window plus a second, as the Go llm-proxy
         try:
             d = self.pool.eval(INCR_SCRIPT, [self.redis_key(key, start)], [ttl])
             count = yield call_with_timeout(d, self.timeout, self.clock)
             count = int(count)
         except Exception as e:
-            self._failed(e)
+            self.outage.failed(e, mode=self._mode())
             result = yield self._degraded(key, limit, window, reset)
             return result
-        if not self.available:
-            self.available = True
-            self._log.reset()
-            log.info("Redis is back: rate limits are shared again")
+        self.outage.succeeded()
         return decide(count, limit, reset)
-
-    def _failed(self, error: Exception) -> None:
-        self.available = False
-        self._retry_at = self.clock.seconds() + self.retry_interval
-        if self.metrics is not None:
-            self.metrics.redis_error("ratelimit")
-        suppressed = self._log.ready()
-        if suppressed is not None:
-            log.warn(
-                "rate-limit Redis unavailable ({error}); {mode} "
-                "({suppressed} similar failures since the last message)",
-                error=type(error).__name__,
-                mode=self._mode(),
-                suppressed=suppressed,
-            )
 
     def _mode(self) -> str:
         if self.fallback is not None:
@@ -128,7 +117,7 @@ class RedisRateLimiter:
             self._count("fail_open")
             return Decision(allowed=True, limit=limit, remaining=limit, reset_seconds=reset)
         self._count("fail_closed")
-        retry = max(1, int(self.retry_interval))
+        retry = max(1, int(self.outage.retry_interval))
         return Decision(
             allowed=False,
             limit=limit,
