@@ -207,12 +207,11 @@ class TokenValidator:
             raise _invalid("invalid token format: invalid token format")
         token_hash = hash_token(presented)
         token = self._tokens.get(token_hash, self.token_cache_ttl)
-        if self.metrics is not None:
-            if token is None:
+        if token is not None:
+            self.validate_cached(token)
+        else:
+            if self.metrics is not None:
                 self.metrics.token_cache_miss()
-            else:
-                self.metrics.token_cache_hit()
-        if token is None:
             generation = self._generation
             try:
                 token = await self.store.get_token_by_hash(token_hash)
@@ -223,7 +222,7 @@ class TokenValidator:
                 raise Rejection(401, "Token not found", "token_not_found")
             if generation == self._generation:
                 self._tokens.put(token_hash, token)
-        self._check_usable(token)
+            self._check_usable(token)
         if count:
             await self.count(token)
         return token
@@ -277,10 +276,10 @@ class TokenValidator:
         atomically in the store for a token with a quota (429 when it is
         used up), in the batched L{UsageFlusher} otherwise.
         """
-        if token.max_requests is not None and token.max_requests > 0:
+        if self.counts_synchronously(token):
+            self.count_now(token)
+        else:
             await self._count_limited(token)
-        elif self.usage is not None:
-            self.usage.add_request(token.token_hash, self.now())
 
     def _check_usable(self, token: Token) -> None:
         if not token.is_active:
@@ -311,7 +310,7 @@ class TokenValidator:
     # -- projects ----------------------------------------------------------------------
 
     async def _project(self, project_id: str, max_age: float) -> Project | None:
-        project = self._projects.get(project_id, max_age) if max_age > 0 else None
+        project = self.cached_project(project_id, max_age)
         if project is not None:
             return project
         generation = self._generation
@@ -333,8 +332,9 @@ class TokenValidator:
                 kind="dependency",
                 token=token,
             ) from e
-        if project is None or not project.is_active:
+        if project is None:
             raise Rejection(403, "Project is inactive", "project_inactive", token=token)
+        self.check_cached_project(token, project)
         return project
 
     async def api_key(self, token: Token) -> str:
@@ -344,6 +344,6 @@ class TokenValidator:
         except Exception:
             log.failure("loading the upstream API key failed")
             project = None
-        if project is None or not project.api_key:
+        if project is None:
             raise _no_api_key(token)
-        return project.api_key
+        return self.api_key_of(token, project)
