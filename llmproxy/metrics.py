@@ -26,12 +26,15 @@ from prometheus_client import (
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from llmproxy.proxy.record import IRequestObserver, RequestRecord
 from llmproxy.web.auth import bearer_token
 from llmproxy.web.errors import json_body, json_error
+
+log = Logger()
 
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 OVERHEAD_HEADER = b"X-Proxy-Overhead-Ms"
@@ -330,7 +333,7 @@ class Metrics:
         self._events_published.inc(count)
 
     def event_dropped(self, reason: str = "buffer_full", count: int = 1) -> None:
-        self._events_dropped.labels(self._reason(reason)).inc(count)
+        self._child(self._events_dropped, self._reason(reason)).inc(count)
 
     def token_cache_hit(self) -> None:
         self._child(self._token_cache, "hit").inc()
@@ -339,17 +342,17 @@ class Metrics:
         self._child(self._token_cache, "miss").inc()
 
     def ratelimit_rejected(self, scope: str) -> None:
-        self._ratelimit_rejected.labels(self._reason(scope)).inc()
+        self._child(self._ratelimit_rejected, self._reason(scope)).inc()
 
     def ratelimit_degraded(self, outcome: str) -> None:
-        self._ratelimit_degraded.labels(self._reason(outcome)).inc()
+        self._child(self._ratelimit_degraded, self._reason(outcome)).inc()
 
     def redis_error(self, component: str) -> None:
-        self._redis_errors.labels(self._component(component)).inc()
+        self._child(self._redis_errors, self._component(component)).inc()
 
     def invalidation(self, direction: str) -> None:
         """C{direction}: C{published}, C{received} or C{publish_failed}."""
-        self._invalidations.labels(self._reason(direction)).inc()
+        self._child(self._invalidations, self._reason(direction)).inc()
 
     # -- web -------------------------------------------------------------------
 
@@ -414,9 +417,7 @@ class MetricsObserver:
         try:
             self.metrics.request_finished(record)
         except Exception:  # metrics must never break a response
-            from twisted.logger import Logger
-
-            Logger().failure("recording request metrics failed")
+            log.failure("recording request metrics failed")
 
 
 def sum_samples(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:

@@ -39,7 +39,7 @@ class EventPublisher:
         pass
 
     def request_finished(self, record: RequestRecord) -> None:
-        if not self.enabled or not getattr(self.bus, "listening", True):
+        if not self.wants_bodies:
             return
         try:
             ensure_usage(record)
