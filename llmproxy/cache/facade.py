@@ -248,9 +248,6 @@ class ResponseCache:
         url = policy.normalise_url(uri)
         scope = policy.scope_for(project_id, self.shared)
         base = {"method": method, "url": url, "scope": scope, "request_headers": headers}
-        if not policy.lookup_eligible(method, headers, body):
-            self._count("cache_miss")
-            return LookupResult(UNCACHEABLE, **base)  # type: ignore[arg-type]
         digest = policy.body_digest(body) if method == "POST" else None
         key = policy.primary_key(scope, method, url, digest)
         base.update(key=key, digest=digest)

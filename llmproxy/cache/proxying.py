@@ -21,7 +21,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from llmproxy.cache import policy
 from llmproxy.cache.facade import (
     BYPASS,
     MISS,
@@ -70,7 +69,7 @@ async def answer_from_cache(
     request, and keep C{result} for L{prepare_store}.
     """
     body = None
-    if request.method == b"POST" and policy.client_forced_ttl(request.requestHeaders) > 0:
+    if request.method == b"POST" and cache.needs_lookup(request.method, request.requestHeaders):
         # Only an opted-in POST is looked up; do not copy other bodies.
         body = request_body(request)
     result = await cache.lookup(
