@@ -23,18 +23,7 @@ from llmproxy.testing.daemon import start_daemon
 from llmproxy.web.app import WebApp
 from llmproxy.web.root import Root
 from llmproxy.web.site import AccessLog, LLMProxySite
-
-
-class _Lines:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, s: str) -> int:
-        self.lines.append(s)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
+from tests.support import LineSink
 
 
 class _Never(Resource):
@@ -71,7 +60,7 @@ class StartupTests(SynchronousTestCase):
 
 class AbandonedRequestLogTests(SynchronousTestCase):
     def abandon(self, path: bytes) -> dict[str, Any]:
-        stream = _Lines()
+        stream = LineSink()
         clock = Clock()
         site = LLMProxySite(
             Root(WebApp(clock=clock).resource(), _Never()),

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
-import urllib.request
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.testing.daemon import Daemon, start_daemon
+from tests.support import Reply, http_json
 
 MT = "mt-e2e-management-secret"
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
@@ -28,19 +27,8 @@ def call(
     body: Any = None,
     raw: bytes | None = None,
     token: str | None = MT,
-) -> tuple[int, dict[str, str], Any]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(daemon.url + path, data=data, method=method)
-    if token:
-        request.add_header("Authorization", "Bearer " + token)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            status, headers, content = response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        status, headers, content = e.code, dict(e.headers), e.read()
-    return status, headers, (json.loads(content) if content else None)
+) -> Reply:
+    return http_json(daemon.url + path, method, body, raw=raw, token=token, timeout=20)
 
 
 class ManagementDaemonTests(SynchronousTestCase):

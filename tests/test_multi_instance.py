@@ -21,14 +21,10 @@ stopping Redis cannot disturb tests running beside it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -41,7 +37,9 @@ from llmproxy.store.sql import postgres_url
 from llmproxy.testing.daemon import Daemon, start_daemon
 from llmproxy.testing.fake_upstream import FakeUpstream
 from tests.redisserver import RedisServer
-from tests.services import POSTGRES_DSN, require_postgres
+from tests.services import POSTGRES_DSN
+from tests.support import Reply, http_json
+from tests.test_store_support import new_postgres_database
 
 MT = "mt-multi-instance-secret"
 UPSTREAM_KEY = "sk-upstream-multi-0123456789"
@@ -62,8 +60,6 @@ LOG_LINES = (
     "event bus Redis is back",
 )
 
-Reply = tuple[int, dict[str, str], Any]
-
 
 def http(
     url: str,
@@ -73,25 +69,8 @@ def http(
     headers: dict[str, str] | None = None,
 ) -> Reply:
     """One blocking request: status, lower-cased headers, decoded JSON (or text)."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method)
-    if token:
-        request.add_header("Authorization", "Bearer " + token)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    for name, value in (headers or {}).items():
-        request.add_header(name, value)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, raw_headers, content = response.status, response.headers, response.read()
-    except urllib.error.HTTPError as e:
-        status, raw_headers, content = e.code, e.headers, e.read()
-    lowered = {k.lower(): v for k, v in raw_headers.items()}
-    try:
-        decoded = json.loads(content) if content else None
-    except ValueError:
-        decoded = content.decode("utf-8", "replace")
-    return status, lowered, decoded
+    status, raw_headers, decoded = http_json(url, method, body, token=token, headers=headers)
+    return status, {k.lower(): v for k, v in raw_headers.items()}, decoded
 
 
 def poll(check: Callable[[], Any], seconds: float, interval: float = 0.02) -> tuple[Any, float]:
@@ -106,25 +85,6 @@ def poll(check: Callable[[], Any], seconds: float, interval: float = 0.02) -> tu
         if result or elapsed > seconds:
             return result, elapsed
         time.sleep(interval)
-
-
-def new_postgres_database(testcase: TestCase) -> str:
-    """A fresh PostgreSQL database (dropped at cleanup); its URL."""
-    require_postgres()
-    name = "llmproxy_mi_" + uuid.uuid4().hex[:12]
-    base = postgres_url(POSTGRES_DSN)
-    admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-    testcase.addCleanup(drop)
-    url = sa.engine.make_url(base).set(database=name)
-    return url.render_as_string(hide_password=False)
 
 
 class TwoInstances(TestCase):

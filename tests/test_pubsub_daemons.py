@@ -7,38 +7,23 @@ without Redis (the Go llm-proxy's situation) keeps serving from its cache.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.testing.daemon import Daemon, start_daemon
 from tests.services import REDIS_HOST, REDIS_PORT, require_redis
+from tests.support import Reply, http_json
 
 MT = "mt-pubsub-management-secret"
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def call(
-    daemon: Daemon, method: str, path: str, body: Any = None, token: str | None = MT
-) -> tuple[int, dict[str, str], Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(daemon.url + path, data=data, method=method)
-    if token:
-        request.add_header("Authorization", "Bearer " + token)
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=20) as response:
-            status, headers, content = response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as e:
-        status, headers, content = e.code, dict(e.headers), e.read()
-    return status, headers, (json.loads(content) if content else None)
+def call(daemon: Daemon, method: str, path: str, body: Any = None, token: str | None = MT) -> Reply:
+    return http_json(daemon.url + path, method, body, token=token, timeout=20)
 
 
 class CrossInstanceInvalidationTests(SynchronousTestCase):

@@ -61,6 +61,25 @@ def new_mysql_database(testcase: TestCase) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def new_postgres_database(testcase: TestCase) -> str:
+    """A fresh PostgreSQL database (dropped at cleanup); its URL."""
+    require_postgres()
+    name = "llmproxy_t_" + uuid.uuid4().hex[:12]
+    base = postgres_url(POSTGRES_DSN)
+    admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+
+    def drop() -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+    testcase.addCleanup(drop)
+    url = sa.engine.make_url(base).set(database=name)
+    return url.render_as_string(hide_password=False)
+
+
 def make_engine(kind: str, location: str, pool_size: int = 10) -> sa.Engine:
     if kind == "sqlite":
         return sqlite_engine(location)

@@ -15,6 +15,7 @@ from twisted.web.resource import Resource
 from llmproxy.web.app import WebApp
 from llmproxy.web.root import Root
 from llmproxy.web.site import AccessLog, LLMProxySite
+from tests.support import LineSink
 
 
 class _Echo(Resource):
@@ -22,18 +23,6 @@ class _Echo(Resource):
 
     def render(self, request: Any) -> bytes:
         return b"proxied:" + request.uri
-
-
-class _Stream:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def write(self, s: str) -> int:
-        self.lines.append(s)
-        return len(s)
-
-    def flush(self) -> None:
-        pass
 
 
 def make_client(web: WebApp) -> StubTreq:
@@ -134,8 +123,8 @@ class HealthTests(SynchronousTestCase):
 
 
 class SiteTests(SynchronousTestCase):
-    def make_site(self, limit: int = 10) -> tuple[LLMProxySite, _Stream]:
-        stream = _Stream()
+    def make_site(self, limit: int = 10) -> tuple[LLMProxySite, LineSink]:
+        stream = LineSink()
         self.clock = Clock()
         site = LLMProxySite(
             Root(WebApp(clock=self.clock).resource(), _Echo()),

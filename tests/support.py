@@ -1,0 +1,63 @@
+"""Helpers shared by the test modules that talk to a real daemon over HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+#: status, response headers (as the server spelled them), decoded JSON body (None when
+#: empty, the text when it is not JSON).
+Reply = tuple[int, dict[str, str], Any]
+
+
+def http_json(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    raw: bytes | None = None,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> Reply:
+    """
+    One blocking request with an optional JSON body (or C{raw} bytes) and
+    bearer token; HTTP error statuses are returned, not raised.
+    """
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(url, data=data, method=method)
+    if token:
+        request.add_header("Authorization", "Bearer " + token)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        request.add_header(name, value)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, response_headers, content = (
+                response.status,
+                dict(response.headers),
+                response.read(),
+            )
+    except urllib.error.HTTPError as e:
+        status, response_headers, content = e.code, dict(e.headers), e.read()
+    try:
+        decoded = json.loads(content) if content else None
+    except ValueError:
+        decoded = content.decode("utf-8", "replace")
+    return status, response_headers, decoded
+
+
+class LineSink:
+    """A file-like object that keeps what is written to it (for C{AccessLog})."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.lines.append(s)
+        return len(s)
+
+    def flush(self) -> None:
+        pass
