@@ -298,15 +298,15 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         CacheService(response_cache).setServiceParent(top)
         if response_cache.backend.name == "redis":
             web.ready_checks.append(("cache_redis", response_cache.ping))
-    cache_purge = CachePurgeHandler(response_cache, config.management_token, reactor)
-    cache_purge.install(web)
-    cache_purge.audit = audit
+    CachePurgeHandler(response_cache, config.management_token, reactor, audit=audit).install(web)
 
     # -- proxy (/v1): usage counters, upstream client, the resource ---------------
     import functools
 
     from llmproxy.events.usage import make_usage_tap, prepare_request_body
     from llmproxy.proxy.breaker import CircuitBreaker
+    from llmproxy.proxy.policy import ProviderPolicy
+    from llmproxy.proxy.providers import load_providers
     from llmproxy.proxy.resource import ProxyResource, Upstream
     from llmproxy.proxy.service import UpstreamClientService
     from llmproxy.tokens.usage import UsageFlusher
@@ -319,8 +319,6 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         buffer_size=config.usage_stats_buffer_size,
     )
     usage.setServiceParent(top)  # stops after the web side: the last counts are written
-    from llmproxy.proxy.policy import ProviderPolicy
-    from llmproxy.proxy.providers import load_providers
 
     # API_CONFIG_PATH (or the built-in OpenAI provider when the file is missing);
     # a broken file raises ConfigError here
@@ -338,8 +336,9 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         max_concurrent=config.max_concurrent_requests,
     )
     upstream_client.setServiceParent(top)
-    validator = TokenValidator.from_config(config, store, reactor, usage=usage, hub=invalidation)
-    validator.metrics = metrics
+    validator = TokenValidator.from_config(
+        config, store, reactor, usage=usage, hub=invalidation, metrics=metrics
+    )
     proxy_resource = ProxyResource(
         reactor=reactor,
         upstream=upstream,

@@ -165,9 +165,10 @@ class TokenValidator:
         *,
         usage: UsageFlusher | None,
         hub: InvalidationHub | None,
+        metrics: Any = None,
     ) -> TokenValidator:
         key_ttl = config.api_key_cache_ttl if config.api_key_cache_max > 0 else 0.0
-        return cls(
+        validator = cls(
             store,
             clock,
             usage=usage,
@@ -178,6 +179,8 @@ class TokenValidator:
             api_key_cache_ttl=key_ttl,
             project_cache_max=max(config.active_cache_max, config.api_key_cache_max),
         )
+        validator.metrics = metrics
+        return validator
 
     def now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
