@@ -10,7 +10,7 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from llmproxy.events.bus import IEventBus
@@ -29,29 +29,15 @@ class EventBusService(service.Service):
 
     name = "event-bus"
 
-    def __init__(
-        self,
-        bus: IEventBus,
-        file_log: FileEventLog | None = None,
-        warm_tokenizer: bool = False,
-        reactor: Any = None,
-    ) -> None:
+    def __init__(self, bus: IEventBus, file_log: FileEventLog | None = None) -> None:
         self.bus = bus
         self.file_log = file_log
-        self.warm_tokenizer = warm_tokenizer
-        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
         if self.file_log is not None:
             self.file_log.open()
         self.bus.start()
-        if self.warm_tokenizer and self.reactor is not None:
-            from llmproxy.events.tokenize import warm_up
-
-            # Loading both vocabularies takes 0.15 s and 100 MB: not on the reactor.
-            d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), warm_up)
-            d.addErrback(lambda f: log.failure("loading the token counting vocabularies failed", f))
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -109,7 +95,7 @@ def build_event_bus(config: Any, reactor: Any, metrics: Any = None) -> EventSetu
         if file_log is not None:
             bus.subscribe(file_log)
     # Vocabularies for usage estimates load when first needed (see events.tokenize).
-    svc = EventBusService(bus, file_log, reactor=reactor)
+    svc = EventBusService(bus, file_log)
     return EventSetup(svc, EventPublisher(bus, config), ready_check)
 
 

@@ -88,9 +88,3 @@ def count_tokens(text: str, model: str | None = None) -> int:
     if not text:
         return 0
     return int(_tokenizer(encoding_for_model(model)).count(text))
-
-
-def warm_up() -> None:
-    """Load both vocabularies now (blocking: run it in a thread)."""
-    for encoding in (CL100K, O200K):
-        _tokenizer(encoding)
