@@ -35,8 +35,6 @@ FLUSH_ALL = "all"
 
 
 class _Subscriber(txredisapi.SubscriberProtocol):
-    bridge: RedisInvalidationBridge
-
     def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
         self.factory.bridge.message_received(message)
 
@@ -275,20 +273,16 @@ def pubsub_address(config: Any) -> RedisAddress | None:
     The Redis to share invalidations through, or None when this instance
     uses Redis for nothing (then it is assumed to run alone).
     """
-    uses_redis = (
+    shared = (
         config.invalidation_pubsub
         or config.distributed_rate_limit_enabled
         or config.event_bus == "redis-streams"
-        or (config.http_cache_enabled and config.http_cache_backend == "redis")
     )
-    if not uses_redis:
+    if shared:
+        return RedisAddress.from_config(config)
+    if not (config.http_cache_enabled and config.http_cache_backend == "redis"):
         return None
-    only_cache = not (
-        config.invalidation_pubsub
-        or config.distributed_rate_limit_enabled
-        or config.event_bus == "redis-streams"
-    )
-    if only_cache and config.redis_cache_url:
+    if config.redis_cache_url:
         try:
             return RedisAddress.from_url(config.redis_cache_url)
         except ValueError:
