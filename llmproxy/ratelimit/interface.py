@@ -38,7 +38,7 @@ def fixed_window(now: float, window: float) -> tuple[int, int]:
     return start, reset
 
 
-def decide(count: int, limit: int, reset: int, scope: str = "") -> Decision:
+def decide(count: int, limit: int, reset: int) -> Decision:
     """The decision for the C{count}-th request of a window allowing C{limit}."""
     allowed = count <= limit
     return Decision(
@@ -47,7 +47,6 @@ def decide(count: int, limit: int, reset: int, scope: str = "") -> Decision:
         remaining=max(0, limit - count),
         reset_seconds=reset,
         retry_after=None if allowed else reset,
-        scope=scope,
     )
 
 
