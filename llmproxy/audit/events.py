@@ -139,6 +139,29 @@ def make_event(
     )
 
 
+def _request_event(
+    request: Request,
+    clock: IReactorTime,
+    action: str,
+    actor: str,
+    outcome: str,
+    details: dict[str, Any],
+    project_id: str | None,
+) -> AuditEvent:
+    """An event stamped now, carrying the request's ids and client address."""
+    return make_event(
+        action=action,
+        actor=actor,
+        outcome=outcome,
+        timestamp=utc_now(clock),
+        details=details,
+        project_id=project_id,
+        request_id=getattr(request, "request_id", None),
+        correlation_id=getattr(request, "correlation_id", None),
+        client_ip=client_ip(request),
+    )
+
+
 def management_event(
     request: Request,
     clock: IReactorTime,
@@ -150,17 +173,7 @@ def management_event(
     """An event for a management API call, with the request's ids and context."""
     merged = request_details(request)
     merged.update(details or {})
-    return make_event(
-        action=action,
-        actor=ACTOR_MANAGEMENT,
-        outcome=outcome,
-        timestamp=utc_now(clock),
-        details=merged,
-        project_id=project_id,
-        request_id=getattr(request, "request_id", None),
-        correlation_id=getattr(request, "correlation_id", None),
-        client_ip=client_ip(request),
-    )
+    return _request_event(request, clock, action, ACTOR_MANAGEMENT, outcome, merged, project_id)
 
 
 def proxy_denied(
@@ -189,17 +202,7 @@ def proxy_denied(
         details["token_id"] = obfuscated_token_id(token_id)
     if status is not None:
         details["status_code"] = status
-    return make_event(
-        action=PROXY_REQUEST,
-        actor=ACTOR_SYSTEM,
-        outcome=outcome,
-        timestamp=utc_now(clock),
-        details=details,
-        project_id=project_id,
-        request_id=getattr(request, "request_id", None),
-        correlation_id=getattr(request, "correlation_id", None),
-        client_ip=client_ip(request),
-    )
+    return _request_event(request, clock, PROXY_REQUEST, ACTOR_SYSTEM, outcome, details, project_id)
 
 
 def event_line(event: AuditEvent) -> dict[str, Any]:

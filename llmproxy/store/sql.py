@@ -215,21 +215,15 @@ def server_engine(
 
 def engine_from_config(config: Any) -> Engine:
     """The engine C{DB_DRIVER}, C{DATABASE_PATH} and C{DATABASE_URL} ask for."""
-    if config.db_driver == "postgres":
-        return server_engine(
-            postgres_url(config.database_url),
-            config.database_pool_size,
-            config.database_conn_max_lifetime,
-            max_idle=config.database_max_idle_conns,
-        )
-    if config.db_driver == "mysql":
-        return server_engine(
-            mysql_url(config.database_url),
-            config.database_pool_size,
-            config.database_conn_max_lifetime,
-            max_idle=config.database_max_idle_conns,
-        )
-    return sqlite_engine(config.database_path)
+    if config.db_driver not in ("postgres", "mysql"):
+        return sqlite_engine(config.database_path)
+    to_url = postgres_url if config.db_driver == "postgres" else mysql_url
+    return server_engine(
+        to_url(config.database_url),
+        config.database_pool_size,
+        config.database_conn_max_lifetime,
+        max_idle=config.database_max_idle_conns,
+    )
 
 
 def cipher_from_config(config: Any) -> KeyCipher | None:
