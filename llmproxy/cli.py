@@ -23,7 +23,7 @@ from typing import IO
 import sqlalchemy as sa
 
 from llmproxy.config import Config, ConfigError
-from llmproxy.crypto import ENCRYPTED_PREFIX
+from llmproxy.crypto import ENCRYPTED_PREFIX, KeyCipher
 from llmproxy.store import schema
 from llmproxy.store.sql import (
     SQLStore,
@@ -60,13 +60,13 @@ def run(argv: Sequence[str], environ: Mapping[str, str], out: IO[str], err: IO[s
     args = _parser().parse_args(list(argv))
     try:
         config = Config.from_env(environ, require_management_token=False)
-        cipher_from_config(config)  # a bad ENCRYPTION_KEY fails here
+        cipher = cipher_from_config(config)  # a bad ENCRYPTION_KEY fails here
         engine = engine_from_config(config)
     except ConfigError as e:
         err.write(f"llmproxy: configuration error: {e}\n")
         return 1
     try:
-        return _migrate(args, config, engine, out, err)
+        return _migrate(args, cipher, engine, out, err)
     except ConfigError as e:
         err.write(f"llmproxy: configuration error: {e}\n")
         return 1
@@ -80,7 +80,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str], out: IO[str], err: IO[s
 
 def _migrate(
     args: argparse.Namespace,
-    config: Config,
+    cipher: KeyCipher | None,
     engine: sa.Engine,
     out: IO[str],
     err: IO[str],
@@ -108,10 +108,10 @@ def _migrate(
         state = "up to date" if current == head else "migrations pending"
         out.write(f"current: {current or 'base'}\nnewest: {head}\n{state}\n")
     elif args.action == "encrypt":
-        if not config.encryption_key:
+        if cipher is None:
             err.write("llmproxy: configuration error: ENCRYPTION_KEY: required to encrypt keys\n")
             return 1
-        store = SQLStore(engine, reactor=None, cipher=cipher_from_config(config))
+        store = SQLStore(engine, reactor=None, cipher=cipher)
         store.prepare()
         count = store.encrypt_existing_keys()
         out.write(f"encrypted {count} provider key(s)\n")
