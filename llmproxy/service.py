@@ -226,8 +226,9 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
 
     metrics = Metrics(reactor)  # components count through this
     # IRequestObserver list handed to the proxy resource (events and usage add theirs)
-    request_observers: list[Any] = [MetricsObserver(metrics)]
-    install_metrics(web, config, metrics)
+    request_observers: list[Any] = []
+    if install_metrics(web, config, metrics):  # nothing reads per-request metrics otherwise
+        request_observers.append(MetricsObserver(metrics))
     invalidation = InvalidationHub()  # management announces, caches listen
     ratelimit_pool = None
     if config.distributed_rate_limit_enabled:
