@@ -255,7 +255,14 @@ class ManagementAPI:
         self._audit(request, action, ev.FAILURE, details, project_id)
         return ApiError(status, message, **extra)
 
-    def _body(self, request: Request, fields: Mapping[str, type]) -> dict[str, Any]:
+    def _body(
+        self,
+        request: Request,
+        action: str,
+        fields: Mapping[str, type],
+        project_id: str | None = None,
+    ) -> dict[str, Any]:
+        """The decoded JSON body; a body that does not decode is audited as a failed C{action}."""
         content = request.content
         raw = content.read(self.max_body + 1) if content is not None else b""
         if len(raw) > self.max_body:
@@ -265,7 +272,17 @@ class ManagementAPI:
                 code="request_too_large",
                 description=f"management request bodies are limited to {self.max_body} bytes",
             )
-        return decode_body(raw, fields)
+        try:
+            return decode_body(raw, fields)
+        except _BadBody:
+            raise self._fail(
+                request,
+                action,
+                400,
+                "invalid request body",
+                {"validation_error": "invalid request body"},
+                project_id,
+            ) from None
 
     async def _dispatch(
         self, request: Request, handlers: Mapping[str, Handler], **kwargs: Any
@@ -386,16 +403,7 @@ class ManagementAPI:
 
     async def create_project(self, request: Request) -> bytes:
         action = ev.PROJECT_CREATE
-        try:
-            body = self._body(request, {"name": str, "api_key": str})
-        except _BadBody:
-            raise self._fail(
-                request,
-                action,
-                400,
-                "invalid request body",
-                {"validation_error": "invalid request body"},
-            ) from None
+        body = self._body(request, action, {"name": str, "api_key": str})
         name = body.get("name", "")
         api_key = body.get("api_key", "")
         if not name or not api_key:
@@ -468,20 +476,12 @@ class ManagementAPI:
 
     async def update_project(self, request: Request, project_id: str) -> bytes:
         action = ev.PROJECT_UPDATE
-        try:
-            body = self._body(
-                request,
-                {"name": str, "api_key": str, "is_active": bool, "revoke_tokens": bool},
-            )
-        except _BadBody:
-            raise self._fail(
-                request,
-                action,
-                400,
-                "invalid request body",
-                {"validation_error": "invalid request body"},
-                project_id,
-            ) from None
+        body = self._body(
+            request,
+            action,
+            {"name": str, "api_key": str, "is_active": bool, "revoke_tokens": bool},
+            project_id,
+        )
         if "revoke_tokens" in body and body.get("is_active", True) is not False:
             raise self._fail(
                 request,
@@ -631,18 +631,9 @@ class ManagementAPI:
 
     async def create_token(self, request: Request) -> bytes:
         action = ev.TOKEN_CREATE
-        try:
-            body = self._body(
-                request, {"project_id": str, "duration_minutes": int, "max_requests": int}
-            )
-        except _BadBody:
-            raise self._fail(
-                request,
-                action,
-                400,
-                "invalid request body",
-                {"validation_error": "invalid request body"},
-            ) from None
+        body = self._body(
+            request, action, {"project_id": str, "duration_minutes": int, "max_requests": int}
+        )
         project_id = body.get("project_id", "")
         duration = body.get("duration_minutes", 0)
         if duration > MAX_DURATION_MINUTES:
@@ -825,16 +816,7 @@ class ManagementAPI:
 
     async def update_token(self, request: Request, token_id: str) -> bytes:
         action = ev.TOKEN_UPDATE
-        try:
-            body = self._body(request, {"is_active": bool, "max_requests": int})
-        except _BadBody:
-            raise self._fail(
-                request,
-                action,
-                400,
-                "invalid request body",
-                {"validation_error": "invalid request body"},
-            ) from None
+        body = self._body(request, action, {"is_active": bool, "max_requests": int})
         token = await self._load_token(request, action, token_id)
         details: dict[str, Any] = {"token_id": obfuscated_token_id(token.id)}
         if "max_requests" in body and body["max_requests"] < 0:
