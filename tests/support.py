@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 #: status, response headers (as the server spelled them), decoded JSON body (None when
@@ -47,6 +49,20 @@ def http_json(
     except ValueError:
         decoded = content.decode("utf-8", "replace")
     return status, response_headers, decoded
+
+
+def poll(check: Callable[[], Any], seconds: float, interval: float = 0.02) -> tuple[Any, float]:
+    """
+    Call C{check} until it returns something true or C{seconds} pass; the
+    last result and the time it took (measured from the first call).
+    """
+    started = time.monotonic()
+    while True:
+        result = check()
+        elapsed = time.monotonic() - started
+        if result or elapsed > seconds:
+            return result, elapsed
+        time.sleep(interval)
 
 
 class LineSink:

@@ -38,7 +38,7 @@ from llmproxy.testing.daemon import Daemon, start_daemon
 from llmproxy.testing.fake_upstream import FakeUpstream
 from tests.redisserver import RedisServer
 from tests.services import POSTGRES_DSN
-from tests.support import Reply, http_json
+from tests.support import Reply, http_json, poll
 from tests.test_store_support import new_postgres_database
 
 MT = "mt-multi-instance-secret"
@@ -71,20 +71,6 @@ def http(
     """One blocking request: status, lower-cased headers, decoded JSON (or text)."""
     status, raw_headers, decoded = http_json(url, method, body, token=token, headers=headers)
     return status, {k.lower(): v for k, v in raw_headers.items()}, decoded
-
-
-def poll(check: Callable[[], Any], seconds: float, interval: float = 0.02) -> tuple[Any, float]:
-    """
-    Call C{check} until it returns something true or C{seconds} pass; the
-    last result and the time it took (measured from the first call).
-    """
-    started = time.monotonic()
-    while True:
-        result = check()
-        elapsed = time.monotonic() - started
-        if result or elapsed > seconds:
-            return result, elapsed
-        time.sleep(interval)
 
 
 class TwoInstances(TestCase):

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.testing.daemon import Daemon, start_daemon
 from tests.services import REDIS_HOST, REDIS_PORT, require_redis
-from tests.support import Reply, http_json
+from tests.support import Reply, http_json, poll
 
 MT = "mt-pubsub-management-secret"
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
@@ -57,13 +57,15 @@ class CrossInstanceInvalidationTests(SynchronousTestCase):
 
     def refused_within(self, daemon: Daemon, token: str, seconds: float) -> tuple[int, Any, float]:
         """Poll until the proxy refuses C{token}; returns status, body and the delay."""
-        started = time.monotonic()
-        while True:
-            status, body = self.proxied(daemon, token)
-            elapsed = time.monotonic() - started
-            if status != 200 or elapsed > seconds:
-                return status, body, elapsed
-            time.sleep(0.02)
+        last: list[tuple[int, Any]] = []
+
+        def refused() -> bool:
+            last[:] = [self.proxied(daemon, token)]
+            return last[0][0] != 200
+
+        _, elapsed = poll(refused, seconds)
+        (status, body) = last[0]
+        return status, body, elapsed
 
     def test_changes_reach_every_instance_within_a_second(self) -> None:
         shared = {"INVALIDATION_PUBSUB": "true", "REDIS_ADDR": f"{REDIS_HOST}:{REDIS_PORT}"}
