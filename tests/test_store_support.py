@@ -24,22 +24,32 @@ def sqlite_url_for(testcase: TestCase) -> str:
     return os.path.join(path, "data", "llmproxy.db")
 
 
+def _scratch(testcase: TestCase, admin_url: str, create: str, drop: str, **engine_kw: Any) -> None:
+    """Run C{create} now and C{drop} at cleanup, each on a fresh admin connection."""
+    admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool, **engine_kw)
+    with admin.begin() as conn:
+        conn.execute(sa.text(create))
+
+    def cleanup() -> None:
+        with admin.begin() as conn:
+            conn.execute(sa.text(drop))
+        admin.dispose()
+
+    testcase.addCleanup(cleanup)
+
+
+def _with_database(url: str, name: str) -> str:
+    return sa.engine.make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
 def new_postgres_schema(testcase: TestCase) -> str:
     """A SQLAlchemy URL whose connections use a new schema, dropped at cleanup."""
     require_postgres()
     name = "t_" + uuid.uuid4().hex[:16]
-    admin = sa.create_engine(postgres_url(POSTGRES_DSN), poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-
-    def drop() -> None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {name} CASCADE"))
-        admin.dispose()
-
-    testcase.addCleanup(drop)
+    base = postgres_url(POSTGRES_DSN)
+    _scratch(testcase, base, f"CREATE SCHEMA {name}", f"DROP SCHEMA {name} CASCADE")
     sep = "&" if "?" in POSTGRES_DSN else "?"
-    return postgres_url(POSTGRES_DSN) + f"{sep}options=-csearch_path%3D{name}"
+    return base + f"{sep}options=-csearch_path%3D{name}"
 
 
 def new_mysql_database(testcase: TestCase) -> str:
@@ -47,18 +57,9 @@ def new_mysql_database(testcase: TestCase) -> str:
     require_mysql()
     name = "t_" + uuid.uuid4().hex[:16]
     base = mysql_url(MYSQL_DSN)
-    admin = sa.create_engine(base, poolclass=sa.pool.NullPool)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
-
-    def drop() -> None:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP DATABASE {name}"))
-        admin.dispose()
-
-    testcase.addCleanup(drop)
-    url = sa.engine.make_url(base).set(database=name)
-    return url.render_as_string(hide_password=False)
+    create = f"CREATE DATABASE {name} CHARACTER SET utf8mb4"
+    _scratch(testcase, base, create, f"DROP DATABASE {name}")
+    return _with_database(base, name)
 
 
 def new_postgres_database(testcase: TestCase) -> str:
@@ -66,18 +67,10 @@ def new_postgres_database(testcase: TestCase) -> str:
     require_postgres()
     name = "llmproxy_t_" + uuid.uuid4().hex[:12]
     base = postgres_url(POSTGRES_DSN)
-    admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
-
-    testcase.addCleanup(drop)
-    url = sa.engine.make_url(base).set(database=name)
-    return url.render_as_string(hide_password=False)
+    drop = f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    # CREATE/DROP DATABASE cannot run inside a transaction block
+    _scratch(testcase, base, f"CREATE DATABASE {name}", drop, isolation_level="AUTOCOMMIT")
+    return _with_database(base, name)
 
 
 def make_engine(kind: str, location: str, pool_size: int = 10) -> sa.Engine:
