@@ -638,6 +638,16 @@ class SQLStore:
         return self.cipher.encrypt(api_key) if self.cipher is not None else api_key
 
     # -- projects --------------------------------------------------------------------
+    def _project_values(self, project: Project) -> dict[str, Any]:
+        """The columns an insert and an update both write (the key encrypted)."""
+        return {
+            "name": project.name,
+            "api_key": self._encrypt(project.api_key),
+            "is_active": project.is_active,
+            "deactivated_at": project.deactivated_at,
+            "updated_at": project.updated_at,
+        }
+
     def create_project(self, project: Project) -> Deferred[Project]:
         def insert(conn: Connection) -> Project:
             try:
@@ -645,12 +655,8 @@ class SQLStore:
                     conn.execute(
                         schema.projects.insert().values(
                             id=project.id,
-                            name=project.name,
-                            api_key=self._encrypt(project.api_key),
-                            is_active=project.is_active,
-                            deactivated_at=project.deactivated_at,
                             created_at=project.created_at,
-                            updated_at=project.updated_at,
+                            **self._project_values(project),
                         )
                     )
             except IntegrityError:
@@ -680,13 +686,7 @@ class SQLStore:
                     result = conn.execute(
                         schema.projects.update()
                         .where(_P.id == project.id)
-                        .values(
-                            name=project.name,
-                            api_key=self._encrypt(project.api_key),
-                            is_active=project.is_active,
-                            deactivated_at=project.deactivated_at,
-                            updated_at=project.updated_at,
-                        )
+                        .values(**self._project_values(project))
                     )
             except IntegrityError:
                 raise DuplicateName(project.name)
