@@ -19,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from llmproxy.testing.daemon import Daemon, start_daemon
 from llmproxy.testing.fake_upstream import FakeUpstream
 from tests.redisserver import RedisServer
+from tests.support import http_json
 from tests.test_e2e_proxy import seed_database
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
@@ -44,11 +45,8 @@ def post(
 
 
 def get(url: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    status, _, body = http_json(url, timeout=10)
+    return status, body
 
 
 def read_lines(path: str) -> list[dict[str, Any]]:
