@@ -1,5 +1,5 @@
 """
-Talking to the provider: cached endpoints for the Agent, request-body
+Talking to the provider: cached upstream endpoints, request-body
 producers, and the relay that streams an upstream body to the client
 chunk by chunk with backpressure.
 """
@@ -25,13 +25,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.client import (
-    URI,
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     ResponseDone,
 )
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import Interface, implementer
 
 log = Logger()
@@ -44,11 +43,10 @@ SMALL_BODY = 256 * 1024
 # -- endpoints ------------------------------------------------------------------------
 
 
-@implementer(IAgentEndpointFactory)
 class CachedEndpointFactory:
     """
-    One endpoint per (scheme, host, port), built once: the stock Agent
-    rebuilds it (IDNA encoding, TLS options) on every request.
+    One endpoint per (scheme, host, port), built once (IDNA encoding and
+    TLS options are not redone per connection).
     """
 
     def __init__(
@@ -62,18 +60,16 @@ class CachedEndpointFactory:
         self._connect_timeout = connect_timeout
         self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
+    def endpoint_for(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
+        key = (scheme, host, port)
         endpoint = self._cache.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(
-                self._reactor, uri.host, uri.port, timeout=self._connect_timeout
-            )
-            if uri.scheme == b"https":
-                creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+            if scheme == b"https":
+                creator = self._tls_policy.creatorForNetloc(host, port)
                 endpoint = wrapClientTLS(creator, endpoint)
-            elif uri.scheme != b"http":
-                raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+            elif scheme != b"http":
+                raise SchemeNotSupported(f"unsupported scheme {scheme!r}")
             self._cache[key] = endpoint
         return endpoint
 

@@ -1,6 +1,6 @@
 """
 The proxy resource for C{/v1/...}: breaker, preflight, policy, token,
-project guard, then a streaming forward through the shared Agent.
+project guard, then a streaming forward through the shared upstream pool.
 
 It keeps the type of Twisted's C{ReverseProxyResource} but none of its
 transport: that one speaks HTTP/1.0 without TLS, collapses repeated headers,
@@ -9,7 +9,6 @@ has no backpressure and never cancels the upstream when the client leaves.
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -101,20 +100,6 @@ class Upstream:
     def port(self) -> int:
         port = self._split.port
         return int(port) if port else (443 if self.scheme == "https" else 80)
-
-    @property
-    def origin(self) -> bytes:
-        """C{scheme://host[:port]}: the request path is appended as received."""
-        return self._origin
-
-    @functools.cached_property
-    def _origin(self) -> bytes:
-        host = self.host
-        if ":" in host:
-            host = f"[{host}]"
-        default = 443 if self.scheme == "https" else 80
-        netloc = host if self.port == default else f"{host}:{self.port}"
-        return f"{self.scheme}://{netloc}".encode("ascii")
 
 
 @attrs.frozen
@@ -213,7 +198,7 @@ class ProxyResource(ReverseProxyResource):
 
     @param reactor: timers and the clock for timeouts.
     @param upstream: the provider's base URL and header timeout.
-    @param client: the shared Agent, pool and concurrency cap.
+    @param client: the shared upstream connection pool and concurrency cap.
     @param validator: token, project and provider-key checks.
     @param breaker: the provider's circuit breaker.
     @param policy: see L{RequestPolicy}; L{OpenPolicy} when None.
@@ -271,6 +256,7 @@ class ProxyResource(ReverseProxyResource):
         self.max_request_capture = max_request_capture
         self.max_response_capture = max_response_capture
         self.cooperator = cooperator
+        self._origin = client.origin(upstream.scheme, upstream.host, upstream.port)
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -535,9 +521,9 @@ class ProxyResource(ReverseProxyResource):
         producer, body_size = body_producer(request.content, self.cooperator)
         if self.prepare_body is not None and request.method == b"POST" and body_size > 0:
             producer = self._rewritten(request, record, body_size, producer) or producer
-        url = self.upstream.origin + request.uri
+        body = producer.body if isinstance(producer, BytesProducer) else producer
         record.upstream_started_at = time.monotonic()
-        d = self.client.agent.request(request.method, url, headers, producer)
+        d = self.client.request(self._origin, request.method, request.uri, headers, body)
         exchange.pending = d
         timer = None
         if self.upstream.response_header_timeout > 0:

@@ -1,7 +1,7 @@
 """
-The upstream HTTP client as a service: one persistent connection pool and
-one Agent for the process, a concurrency cap per provider, and cached
-connections closed on stop.
+The upstream HTTP client as a service: one persistent connection pool for
+the process, a concurrency cap per provider, and idle connections closed
+on stop.
 """
 
 from __future__ import annotations
@@ -11,44 +11,23 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,  # type: ignore[attr-defined]
-)
-from twisted.web.iweb import IAgent
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
 
+from llmproxy.proxy.client import Origin, UpstreamPool, UpstreamResponse
 from llmproxy.proxy.forward import CachedEndpointFactory
-from llmproxy.web.site import no_delay
 
 log = Logger()
 
 
-class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
-    """The pool's connection factory: no log line per connection, no Nagle delay."""
-
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        original_made = protocol.connectionMade
-
-        def connectionMade() -> None:
-            original_made()
-            no_delay(protocol.transport)
-
-        protocol.connectionMade = connectionMade  # type: ignore[method-assign]
-        return protocol
-
-
 class UpstreamClientService(service.Service):
     """
-    Owns the L{HTTPConnectionPool} every proxied request goes through.
+    Owns the L{UpstreamPool} every proxied request goes through.
 
-    @param max_per_host: idle connections kept per upstream (Twisted's
-        default of 2 makes every request above 2 concurrent pay a new TLS
-        handshake); size it to the expected concurrency.
+    @param max_per_host: idle connections kept per upstream (with fewer,
+        every request above that concurrency pays a new TLS handshake);
+        size it to the expected concurrency.
     @param idle_connection_timeout: how long an idle pooled connection stays.
     @param connect_timeout: TCP (plus TLS) connect timeout.
     @param max_concurrent: upstream requests in flight per provider; the
@@ -71,16 +50,34 @@ class UpstreamClientService(service.Service):
     ) -> None:
         self.reactor = reactor
         self.max_concurrent = max_concurrent
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        # Without this every new upstream connection logs "Starting factory"
-        # and "Stopping factory" lines.
-        self.pool._factory = _QuietClientFactory
-        self.pool.maxPersistentPerHost = max(1, max_per_host)
-        self.pool.cachedConnectionTimeout = max(1, round(idle_connection_timeout))
         policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root)
         self.endpoints = CachedEndpointFactory(reactor, policy, connect_timeout)
-        self.agent: IAgent = Agent.usingEndpointFactory(reactor, self.endpoints, pool=self.pool)
+        self.pool = UpstreamPool(
+            reactor,
+            self.endpoints.endpoint_for,
+            max_idle=max_per_host,
+            idle_timeout=max(1.0, idle_connection_timeout),
+        )
         self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+
+    def origin(self, scheme: str, host: str, port: int) -> Origin:
+        """The pool's handle for an upstream (made once, used per request)."""
+        try:
+            host_bytes = host.encode("ascii")
+        except UnicodeEncodeError:
+            host_bytes = host.encode("idna")
+        return self.pool.origin(scheme.encode("ascii"), host_bytes, port)
+
+    def request(
+        self,
+        origin: Origin,
+        method: bytes,
+        path: bytes,
+        headers: Headers,
+        body: bytes | IBodyProducer | None = None,
+    ) -> defer.Deferred[UpstreamResponse]:
+        """Send a request upstream; fires with the response once its headers arrived."""
+        return self.pool.request(origin, method, path, headers, body)
 
     def semaphore(self, provider: str) -> defer.DeferredSemaphore:
         """The cap on concurrent upstream requests to C{provider}."""
@@ -89,7 +86,7 @@ class UpstreamClientService(service.Service):
             sem = self._semaphores[provider] = defer.DeferredSemaphore(self.max_concurrent)
         return sem
 
-    def stopService(self) -> defer.Deferred[None]:
+    def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
         log.info("closing idle upstream connections")
-        return self.pool.closeCachedConnections()
+        return self.pool.close_idle()
