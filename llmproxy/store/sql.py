@@ -12,8 +12,10 @@ the operation retried once on a fresh one.
 
 from __future__ import annotations
 
+import ast
 import datetime
 import fcntl
+import functools
 import json
 import os
 import re
@@ -21,14 +23,10 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from twisted.internet import defer
@@ -53,6 +51,9 @@ from llmproxy.store.records import (
     Token,
     UsageOutcome,
 )
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 log = Logger()
 T = TypeVar("T")
@@ -232,9 +233,14 @@ def cipher_from_config(config: Any) -> KeyCipher | None:
 
 
 # -- migrations ----------------------------------------------------------------
+# Alembic (and the SQLAlchemy dialects it loads for every database it
+# supports) is imported only when a migration runs or is looked up: a
+# daemon whose schema is already current never loads it.
 
 
 def _alembic_config(conn: Connection) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", MIGRATIONS_DIR)
     cfg.attributes["connection"] = conn
@@ -243,9 +249,83 @@ def _alembic_config(conn: Connection) -> AlembicConfig:
 
 def head_revision() -> str | None:
     """The newest migration bundled with this version of llmproxy."""
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", MIGRATIONS_DIR)
     return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+def _literal(node: ast.expr) -> set[str] | None:
+    """The revision ids of a C{revision}/C{down_revision} value (None: not literal)."""
+    try:
+        value = ast.literal_eval(node)
+    except ValueError:
+        return None
+    if value is None:
+        return set()
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, tuple | list) and all(isinstance(v, str) for v in value):
+        return set(value)
+    return None
+
+
+@functools.cache
+def bundled_head() -> str | None:
+    """
+    The newest migration bundled with this version of llmproxy, found
+    without importing Alembic; None when only Alembic can tell.
+    """
+    return scan_head(os.path.join(MIGRATIONS_DIR, "versions"))
+
+
+def scan_head(versions: str) -> str | None:
+    """
+    The head revision of the migration scripts in C{versions}, read from
+    their C{revision} and C{down_revision} assignments; None unless there
+    is exactly one head and every script is plain (literal ids, no branch
+    labels, no dependencies).
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for name in sorted(os.listdir(versions)):
+        if not name.endswith(".py") or name.startswith("_"):
+            continue
+        with open(os.path.join(versions, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read(), name)
+        found: dict[str, set[str] | None] = {}
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+            elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                target, value = node.target, node.value
+            else:
+                continue
+            if isinstance(target, ast.Name):
+                found[target.id] = _literal(value)
+        revision, down = found.get("revision"), found.get("down_revision")
+        if revision is None or down is None or len(revision) != 1:
+            return None
+        if any(found.get(name, set()) != set() for name in ("branch_labels", "depends_on")):
+            return None  # branches and dependencies: Alembic's rules, not ours
+        revisions |= revision
+        parents |= down
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def _at_bundled_head(conn: Connection) -> bool:
+    """
+    Whether the database is already at L{bundled_head}: the same question
+    Alembic asks (its C{alembic_version} table) in one plain query.
+    """
+    head = bundled_head()
+    if head is None or not sa.inspect(conn).has_table("alembic_version"):
+        return False
+    rows = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
+    return rows == [head]
 
 
 @contextmanager
@@ -289,8 +369,18 @@ def migration_lock(engine: Engine) -> Iterator[Connection]:
 
 
 def migrate(engine: Engine, revision: str = "head", down: bool = False) -> None:
-    """Upgrade (or downgrade) the schema to C{revision}, under the migration lock."""
+    """
+    Upgrade (or downgrade) the schema to C{revision}, under the migration
+    lock. Upgrading a database already at the newest revision does not
+    involve Alembic at all.
+    """
     with migration_lock(engine) as conn:
+        if revision == "head" and not down:
+            if _at_bundled_head(conn):
+                return
+            conn.rollback()  # Alembic starts from a connection outside any transaction
+        from alembic import command
+
         cfg = _alembic_config(conn)
         if down:
             command.downgrade(cfg, revision)
@@ -301,6 +391,8 @@ def migrate(engine: Engine, revision: str = "head", down: bool = False) -> None:
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the database is at (None: empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
