@@ -66,6 +66,7 @@ class MigrationImportTests(SynchronousTestCase):
         again = startup_modules(self, workdir)
         self.assertEqual(loaded(again, "alembic"), [])
         self.assertEqual(loaded(again, "sqlalchemy.dialects.postgresql"), [])
+        self.assertEqual(loaded(again, "sqlalchemy.dialects.mysql"), [])
 
 
 class ScanHeadTests(SynchronousTestCase):

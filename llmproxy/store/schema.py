@@ -26,9 +26,11 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
+
+# sqlalchemy.dialects.mysql is imported only in the MySQL branches below:
+# SQLite and PostgreSQL never load it.
 
 OUTCOMES = ("success", "failure", "denied", "error")
 
@@ -41,6 +43,8 @@ class UTCDateTime(TypeDecorator[datetime.datetime]):
 
     def load_dialect_impl(self, dialect: Dialect) -> Any:
         if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
             return dialect.type_descriptor(mysql.DATETIME(fsp=6))
         return dialect.type_descriptor(DateTime())
 
@@ -59,6 +63,20 @@ class UTCDateTime(TypeDecorator[datetime.datetime]):
         if value.tzinfo is None:
             return value.replace(tzinfo=datetime.UTC)
         return value.astimezone(datetime.UTC)
+
+
+class LongText(TypeDecorator[str]):
+    """C{TEXT}; C{MEDIUMTEXT} on MySQL/MariaDB, whose C{TEXT} holds only 64 KiB."""
+
+    impl = Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            from sqlalchemy.dialects import mysql
+
+            return dialect.type_descriptor(mysql.MEDIUMTEXT())
+        return super().load_dialect_impl(dialect)
 
 
 metadata = MetaData()
@@ -121,7 +139,7 @@ audit_events = Table(
     Column("reason", Text, nullable=True),
     Column("token_id", String(64), nullable=True),
     #: JSON object (the event's details)
-    Column("metadata", Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb"), nullable=True),
+    Column("metadata", LongText, nullable=True),
     CheckConstraint(
         "outcome IN ('success', 'failure', 'denied', 'error')", name="ck_audit_events_outcome"
     ),
@@ -148,6 +166,7 @@ KEY_CHECK = "encryption_key_check"
 __all__ = [
     "KEY_CHECK",
     "OUTCOMES",
+    "LongText",
     "UTCDateTime",
     "audit_events",
     "meta",
