@@ -68,6 +68,12 @@ class MigrationImportTests(SynchronousTestCase):
         self.assertEqual(loaded(again, "sqlalchemy.dialects.postgresql"), [])
         self.assertEqual(loaded(again, "sqlalchemy.dialects.mysql"), [])
 
+    def test_no_providers_file_no_yaml(self) -> None:
+        """The built-in provider needs no YAML parser."""
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        self.assertEqual(loaded(startup_modules(self, workdir), "yaml"), [])
+
 
 class ScanHeadTests(SynchronousTestCase):
     def versions(self, **scripts: str) -> str:

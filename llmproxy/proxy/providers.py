@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
-import yaml
 from twisted.logger import Logger
 
 from llmproxy.config import Config, ConfigError, parse_duration
@@ -398,6 +397,8 @@ def _provider(name: str, raw: Any, notes: list[str]) -> Provider:
 
 def parse_providers(text: str, path: str) -> ProvidersConfig:
     """Parse and validate the YAML C{text} of C{path}; L{ConfigError} on any problem."""
+    import yaml  # here: without a providers file the daemon never loads it
+
     try:
         raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
