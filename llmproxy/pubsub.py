@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import txredisapi
 from twisted.application import service
 from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
@@ -25,6 +24,9 @@ from llmproxy.invalidation import InvalidationHub
 from llmproxy.logthrottle import LogThrottle
 from llmproxy.redisconn import RedisAddress, call_with_timeout, connect
 
+if TYPE_CHECKING:
+    from llmproxy.subscriber import SubscriberFactory
+
 log = Logger()
 
 DEFAULT_CHANNEL = "llmproxy:invalidations"
@@ -32,32 +34,6 @@ KINDS = frozenset({"token", "project"})
 #: Delivered to the local hub (kind, key ``""``) after the subscription was
 #: down: listeners should drop every cached entry.
 FLUSH_ALL = "all"
-
-
-class _Subscriber(txredisapi.SubscriberProtocol):
-    def messageReceived(self, pattern: Any, channel: Any, message: Any) -> None:
-        self.factory.bridge.message_received(message)
-
-
-class _SubscriberFactory(txredisapi.SubscriberFactory):
-    protocol = _Subscriber
-    initialDelay = 0.2
-    maxDelay = 2.0
-
-    def __init__(self, bridge: RedisInvalidationBridge, password: str | None) -> None:
-        super().__init__(isLazy=True)
-        self.bridge = bridge
-        self.password = password
-        self.reconnect = True
-
-    def addConnection(self, conn: Any) -> None:
-        super().addConnection(conn)
-        if conn in self.pool:
-            self.bridge.subscriber_connected(conn)
-
-    def delConnection(self, conn: Any) -> None:
-        super().delConnection(conn)
-        self.bridge.subscriber_lost()
 
 
 class RedisInvalidationBridge(service.Service):
@@ -97,7 +73,7 @@ class RedisInvalidationBridge(service.Service):
         self.instance_id = uuid.uuid4().hex
         self.subscribed = False
         self._pool: Any = None
-        self._factory: _SubscriberFactory | None = None
+        self._factory: SubscriberFactory | None = None
         self._subscribed_waiters: list[defer.Deferred[None]] = []
         self._publish_log = LogThrottle(clock, 60.0)
         self._was_lost = False
@@ -106,12 +82,14 @@ class RedisInvalidationBridge(service.Service):
     # -- service -----------------------------------------------------------------
 
     def startService(self) -> None:
+        from llmproxy.subscriber import SubscriberFactory
+
         super().startService()
         self._pool = connect(self.address, poolsize=1)
         # Reconnect as quickly as the subscriber, so publishing resumes with it.
-        self._pool._factory.initialDelay = _SubscriberFactory.initialDelay
-        self._pool._factory.maxDelay = _SubscriberFactory.maxDelay
-        self._factory = _SubscriberFactory(self, self.address.password)
+        self._pool._factory.initialDelay = SubscriberFactory.initialDelay
+        self._pool._factory.maxDelay = SubscriberFactory.maxDelay
+        self._factory = SubscriberFactory(self, self.address.password)
         endpoint = endpoints.TCP4ClientEndpoint(
             self.reactor, self.address.host, self.address.port, timeout=2
         )

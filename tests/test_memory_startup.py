@@ -53,7 +53,7 @@ def loaded(modules: set[str], package: str) -> list[str]:
     return sorted(m for m in modules if m == package or m.startswith(package + "."))
 
 
-class MigrationImportTests(SynchronousTestCase):
+class StartupImportTests(SynchronousTestCase):
     def test_bundled_head_is_alembics_head(self) -> None:
         self.assertEqual(bundled_head(), head_revision())
 
@@ -68,11 +68,13 @@ class MigrationImportTests(SynchronousTestCase):
         self.assertEqual(loaded(again, "sqlalchemy.dialects.postgresql"), [])
         self.assertEqual(loaded(again, "sqlalchemy.dialects.mysql"), [])
 
-    def test_no_providers_file_no_yaml(self) -> None:
-        """The built-in provider needs no YAML parser."""
+    def test_defaults_load_no_yaml_or_redis_client(self) -> None:
+        """The built-in provider needs no YAML parser, a daemon without Redis no client."""
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
-        self.assertEqual(loaded(startup_modules(self, workdir), "yaml"), [])
+        modules = startup_modules(self, workdir)
+        self.assertEqual(loaded(modules, "yaml"), [])
+        self.assertEqual(loaded(modules, "txredisapi"), [])
 
 
 class ScanHeadTests(SynchronousTestCase):
