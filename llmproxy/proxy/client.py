@@ -88,7 +88,8 @@ class _BodyTransport:
         conn = self._conn
         if conn._body_transport is self and self.paused:
             self.paused = False
-            conn.transport.resumeProducing()  # type: ignore[union-attr]
+            if not conn._hold_pause:
+                conn.transport.resumeProducing()  # type: ignore[union-attr]
 
     def stopProducing(self) -> None:
         """Nobody wants the rest of the body: drop the connection."""
@@ -156,6 +157,7 @@ class UpstreamConnection(Protocol):
         # While nobody reads the body yet: what arrived, and how it ended.
         self._held: list[bytes] | None = None
         self._held_end: tuple[Failure, bool] | None = None
+        self._hold_pause = False
         self._body_transport: _BodyTransport | None = None
         self._producer: Any = None
         self._gone = False
@@ -268,6 +270,7 @@ class UpstreamConnection(Protocol):
         if self._state == _BODY and self._protocol is None:
             # Nobody reads the body yet: hold what came and leave the rest on the socket.
             self._held = []
+            self._hold_pause = True
             self.transport.pauseProducing()  # type: ignore[union-attr]
         if buf or self._framing == _NONE:
             self._body_data(buf)
@@ -361,8 +364,10 @@ class UpstreamConnection(Protocol):
         held_end, self._held_end = self._held_end, None
         if held_end is not None:
             self._end_body(*held_end)
-        elif self._state == _BODY and not body_transport.paused and not self._gone:
-            self.transport.resumeProducing()  # type: ignore[union-attr]
+        elif self._hold_pause:
+            self._hold_pause = False
+            if self._state == _BODY and not body_transport.paused and not self._gone:
+                self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _emit(self, data: bytes) -> None:
         protocol = self._protocol
@@ -462,7 +467,8 @@ class UpstreamConnection(Protocol):
         body_transport, self._body_transport = self._body_transport, None
         if reusable and not self._gone:
             self._state = _IDLE
-            if body_transport is not None and body_transport.paused:
+            if self._hold_pause or (body_transport is not None and body_transport.paused):
+                self._hold_pause = False
                 self.transport.resumeProducing()  # type: ignore[union-attr]
             self._pool._release(self)
         else:
