@@ -526,7 +526,11 @@ def phase_profile(rig: Rig) -> dict[str, Any]:
             own[frames[-1]] = own.get(frames[-1], 0) + int(n)
             for fr in set(frames):
                 inclusive[fr] = inclusive.get(fr, 0) + int(n)
+    os.makedirs(a.out, exist_ok=True)
+    kept = os.path.join(a.out, time.strftime("%Y%m%d-%H%M%S") + "-profile.txt")
+    shutil.move(raw, kept)
     shutil.rmtree(os.path.dirname(raw), ignore_errors=True)
+    log(f"py-spy samples (raw, one stack per line): {kept}")
 
     def top(counts: dict[str, int], n: int, keep: Any = lambda f: True) -> list[Any]:
         rows = sorted(((c, f) for f, c in counts.items() if keep(f)), reverse=True)[:n]
@@ -536,6 +540,7 @@ def phase_profile(rig: Rig) -> dict[str, Any]:
         return "llmproxy/" in frame or "_parseContentType" in frame or "Agent.request" in frame
 
     result = {
+        "raw": kept,
         "samples": total,
         "self": top(own, 20),
         "inclusive": top(inclusive, 30, ours),

@@ -43,6 +43,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from llmproxy.eagerwrite import make_eager
 from llmproxy.web.site import no_delay
 
 log = Logger()
@@ -228,7 +229,9 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         transport = self.transport
         # Under TLS the socket is the wrapper's own transport.
-        no_delay(getattr(transport, "transport", None) or transport)
+        socket_transport = getattr(transport, "transport", None) or transport
+        make_eager(socket_transport)
+        no_delay(socket_transport)
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state

@@ -19,6 +19,8 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.server import Request, Site
 
+from llmproxy.eagerwrite import make_eager
+
 log = Logger()
 
 REQUEST_ID = b"x-request-id"
@@ -262,6 +264,7 @@ class LLMProxySite(Site):
 
             def connectionMade() -> None:
                 original_made()
+                make_eager(channel.transport)
                 no_delay(channel.transport)
                 # Every request asks for the local address; it cannot change
                 # during a connection, so ask the kernel once.
