@@ -48,7 +48,9 @@ class UsageFlusher(service.Service):
         self.buffer_size = max(1, buffer_size)
         self.max_tokens = max_tokens
         self.dropped = 0
-        self._requests: dict[str, tuple[int, datetime.datetime]] = {}
+        # token hash -> (requests, latest use as epoch seconds); datetimes
+        # are made once per flush, not once per request
+        self._requests: dict[str, tuple[int, float]] = {}
         self._hits: dict[str, int] = {}
         self._events = 0
         self._loop: LoopingCall | None = None
@@ -57,9 +59,15 @@ class UsageFlusher(service.Service):
 
     # -- public API --------------------------------------------------------------------
 
-    def add_request(self, token_hash: str, when: datetime.datetime | None = None) -> None:
-        """One proxied request for an unlimited token (request_count += 1, last_used_at)."""
-        when = when or datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.UTC)
+    def add_request(self, token_hash: str, when: datetime.datetime | float | None = None) -> None:
+        """
+        One proxied request for an unlimited token (request_count += 1,
+        last_used_at); C{when} is a datetime or epoch seconds (default now).
+        """
+        if when is None:
+            when = self.clock.seconds()
+        elif isinstance(when, datetime.datetime):
+            when = when.timestamp()
         current = self._requests.get(token_hash)
         if current is None:
             if not self._room():
@@ -150,7 +158,12 @@ class UsageFlusher(service.Service):
         try:
             if requests:
                 try:
-                    await self.store.add_usage(requests)
+                    await self.store.add_usage(
+                        {
+                            key: (n, datetime.datetime.fromtimestamp(when, datetime.UTC))
+                            for key, (n, when) in requests.items()
+                        }
+                    )
                 except Exception:
                     log.failure("writing usage counts failed; will retry")
                     self._merge_back(requests, {})
@@ -170,9 +183,7 @@ class UsageFlusher(service.Service):
             for w in waiters:
                 w.callback(None)
 
-    def _merge_back(
-        self, requests: dict[str, tuple[int, datetime.datetime]], hits: dict[str, int]
-    ) -> None:
+    def _merge_back(self, requests: dict[str, tuple[int, float]], hits: dict[str, int]) -> None:
         for key, (n, when) in requests.items():
             current = self._requests.get(key)
             if current is None:

@@ -254,7 +254,7 @@ class TokenValidator:
     def count_now(self, token: Token) -> None:
         """L{count} for a token L{counts_synchronously} accepted."""
         if self.usage is not None:
-            self.usage.add_request(token.token_hash, self.now())
+            self.usage.add_request(token.token_hash, self.clock.seconds())
 
     def cached_project(self, project_id: str, max_age: float) -> Project | None:
         """The cached project no older than C{max_age}, or None (no side effect)."""
@@ -287,7 +287,7 @@ class TokenValidator:
     def _check_usable(self, token: Token) -> None:
         if not token.is_active:
             raise Rejection(401, "Token is inactive", "token_inactive", token=token)
-        if token.expires_at is not None and self.now() > token.expires_at:
+        if token.expires_at is not None and self.clock.seconds() > token.expires_at.timestamp():
             raise Rejection(401, "Token has expired", "token_expired", token=token)
 
     async def _count_limited(self, token: Token) -> None:
