@@ -72,7 +72,8 @@ class LineSink:
         self.lines: list[str] = []
 
     def write(self, s: str) -> int:
-        self.lines.append(s)
+        self.lines.extend(s.splitlines(keepends=True))
+        self.writes = getattr(self, "writes", 0) + 1
         return len(s)
 
     def flush(self) -> None:

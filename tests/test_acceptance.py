@@ -74,6 +74,7 @@ class AbandonedRequestLogTests(SynchronousTestCase):
         self.assertEqual(stream.lines, [])
         channel.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(site.in_flight, 0)
+        site.access_log.flush()
         self.assertEqual(len(stream.lines), 1)
         return json.loads(stream.lines[0])  # type: ignore[no-any-return]
 

@@ -150,6 +150,7 @@ class SiteTests(SynchronousTestCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
         body = json.loads(out.split(b"\r\n\r\n", 1)[1])
         self.assertEqual(body["code"], "request_too_large")
+        site.access_log.flush()
         self.assertIn('"status_code":413', "".join(stream.lines))
 
     def test_chunked_body_too_large(self) -> None:
@@ -172,6 +173,7 @@ class SiteTests(SynchronousTestCase):
         out = transport.value()
         self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
         self.assertIn(b"proxied:/v1/x", out)
+        site.access_log.flush()
         line = json.loads(stream.lines[0])
         self.assertEqual(
             (line["method"], line["path"], line["status_code"]), ("POST", "/v1/x", 200)
@@ -181,9 +183,23 @@ class SiteTests(SynchronousTestCase):
         site, stream = self.make_site(10)
         channel, transport = self.connect(site)
         channel.dataReceived(b"GET /health?key=sk-secret HTTP/1.1\r\nHost: x\r\n\r\n")
+        site.access_log.flush()
         text = "".join(stream.lines)
         self.assertIn('"/health"', text)
         self.assertNotIn("sk-secret", text)
+
+    def test_access_log_lines_are_written_whole_in_batches(self) -> None:
+        site, stream = self.make_site(10)
+        channel, _ = self.connect(site)
+        for _ in range(AccessLog.BATCH - 1):
+            channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(stream.lines, [])
+        channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((len(stream.lines), stream.writes), (AccessLog.BATCH, 1))
+        channel.dataReceived(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        site.access_log.flush()
+        self.assertEqual(json.loads(stream.lines[-1])["path"], "/live")
+        self.assertTrue(all(line.endswith("}\n") for line in stream.lines))
 
     def test_drain_tracking(self) -> None:
         site, _ = self.make_site(1000)

@@ -56,13 +56,25 @@ def no_delay(transport: Any) -> None:
 
 
 def new_request_id() -> str:
-    """A random (version 4) UUID as text, four times cheaper than C{str(uuid.uuid4())}."""
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    """
+    A random (version 4) UUID as text, eight times cheaper than
+    C{str(uuid.uuid4())}: the random bytes come from the OS 256 ids at a time.
+    """
+    pool = _random_hex
+    pos = pool[1]
+    if pos >= len(pool[0]):
+        pool[0] = os.urandom(4096).hex()
+        pos = 0
+    pool[1] = pos + 32
+    h = pool[0][pos : pos + 32]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
+
+#: Unused random hex digits, and the position of the next unused one.
+_random_hex: list[Any] = ["", 0]
 
 #: RFC 4122 variant: the two high bits of the clock sequence are 10.
-_VARIANT = "89ab"
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def _json_str(text: str) -> str:
@@ -156,9 +168,15 @@ class AccessLog:
     not. Flushed every second and on stop.
     """
 
+    #: Lines held before they are written in one go (also written every second).
+    BATCH = 256
+
     def __init__(self, stream: IO[str] | None, fmt: str = "json") -> None:
         self._stream = stream
         self._json = fmt == "json"
+        # Whole lines, written together: fewer system calls than the stream's
+        # own small buffer, and a line is never split between two writes.
+        self._lines: list[str] = []
 
     @classmethod
     def from_setting(cls, setting: str, fmt: str) -> AccessLog:
@@ -186,7 +204,7 @@ class AccessLog:
         if ip is None:
             ip = client_ip(request)
         if self._json:
-            stream.write(
+            self._lines.append(
                 '{"ts":%.3f,"msg":"request","client_ip":%s,"method":%s,"path":%s,'
                 '"status_code":%d,"bytes":%d,"duration_ms":%.2f,"request_id":%s}\n'
                 % (
@@ -201,14 +219,21 @@ class AccessLog:
                 )
             )
         else:
-            stream.write(f'{ip} "{method} {path}" {status} {size} {ms:.2f}ms {rid}\n')
+            self._lines.append(f'{ip} "{method} {path}" {status} {size} {ms:.2f}ms {rid}\n')
+        if len(self._lines) >= self.BATCH:
+            self.flush()
 
     def flush(self) -> None:
-        if self._stream is not None:
-            try:
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass
+        stream = self._stream
+        if stream is None:
+            return
+        lines, self._lines = self._lines, []
+        try:
+            if lines:
+                stream.write("".join(lines))
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 class LLMProxySite(Site):
@@ -218,6 +243,9 @@ class LLMProxySite(Site):
     """
 
     requestFactory = LLMProxyRequest
+    # The HTTP/1.1 channel itself, without the wrapper that would negotiate
+    # HTTP/2 over TLS (one function call less on every read and write).
+    protocol = http.HTTPChannel  # type: ignore[assignment]
     noisy = False
 
     def __init__(
