@@ -62,6 +62,12 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
+#: How a body ended, made once (a Failure is costly to build): completely,
+#: or with the connection's close where nothing else framed it.
+_DONE = Failure(ResponseDone())
+_UNFRAMED_END = Failure(PotentialDataLoss())
+
+
 class BadResponse(Exception):
     """The upstream's answer is not HTTP/1.x this client can frame."""
 
@@ -455,7 +461,7 @@ class UpstreamConnection(Protocol):
                 return
 
     def _body_complete(self) -> None:
-        self._end_body(Failure(ResponseDone()), self._reusable and self._producer is None)
+        self._end_body(_DONE, self._reusable and self._producer is None)
 
     def _end_body(self, reason: Failure, reusable: bool) -> None:
         if self._state != _BODY:
@@ -516,7 +522,7 @@ class UpstreamConnection(Protocol):
                 result.errback(ResponseNeverReceived([reason]))
         elif state == _BODY:
             if self._framing == _UNTIL_CLOSE:
-                self._end_body(Failure(PotentialDataLoss()), False)
+                self._end_body(_UNFRAMED_END, False)
             else:
                 self._end_body(Failure(ResponseFailed([reason])), False)
         if self._held_end is None:
