@@ -156,6 +156,39 @@ class ValidatorTests(SynchronousTestCase):
         self.clock.advance(self.validator.token_cache_ttl)
         self.assertEqual(self.rejected(secret).code, "token_inactive")
 
+    def test_steady_use_refreshes_ahead_of_expiry(self) -> None:
+        secret, token = self.add_token()
+        self.validate(secret)
+        self.set_token(token, is_active=False)  # changed behind our back
+        self.clock.advance(self.validator.token_cache_ttl * 0.6)
+        # Past half its TTL the entry is still served, and read again meanwhile.
+        self.assertEqual(self.validate(secret).id, token.id)
+        self.assertEqual(self.store.token_reads, 2)
+        self.assertEqual(self.rejected(secret).code, "token_inactive")
+        self.assertEqual(self.store.token_reads, 2)
+
+    def test_one_refresh_at_a_time_and_a_failed_one_changes_nothing(self) -> None:
+        secret, token = self.add_token()
+        t = self.validate(secret)
+        self.successResultOf(defer.ensureDeferred(self.validator.check_project(t)))
+        slow: defer.Deferred[Project | None] = defer.Deferred()
+        asked: list[str] = []
+        self.store.get_project = lambda pid: asked.append(pid) or slow  # type: ignore[method-assign]
+        self.clock.advance(3.0)  # past half of the 5 s project TTL
+        for _ in range(3):
+            self.successResultOf(defer.ensureDeferred(self.validator.check_project(t)))
+        self.assertEqual(len(asked), 1)
+        slow.errback(ConnectionError("database down"))
+        del self.store.get_project
+        # A failed refresh kept the entry; a later use tries again, and the change
+        # is seen before the TTL runs out.
+        self.store.projects[self.project.id] = attrs.evolve(self.project, is_active=False)
+        self.clock.advance(1.9)
+        self.successResultOf(defer.ensureDeferred(self.validator.check_project(t)))
+        self.clock.advance(0.1)
+        f = self.failureResultOf(defer.ensureDeferred(self.validator.check_project(t)), Rejection)
+        self.assertEqual(f.value.code, "project_inactive")
+
     def test_lookup_racing_an_invalidation_is_not_cached(self) -> None:
         secret, token = self.add_token()
         slow: defer.Deferred[Token | None] = defer.Deferred()

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Any, Generic, TypeVar
 
 import attrs
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -25,6 +26,9 @@ from llmproxy.tokens.format import hash_token, is_valid_format
 from llmproxy.tokens.usage import UsageFlusher
 
 log = Logger()
+
+#: Fraction of a cache entry's TTL after which its use triggers a background refresh.
+REFRESH_AHEAD = 0.5
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -39,15 +43,21 @@ class TTLCache(Generic[K, V]):
         self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
 
     def get(self, key: K, max_age: float) -> V | None:
+        entry = self.get_entry(key, max_age)
+        return None if entry is None else entry[1]
+
+    def get_entry(self, key: K, max_age: float) -> tuple[float, V] | None:
+        """C{(age, value)} of an entry younger than C{max_age}, or None."""
         entry = self._data.get(key)
         if entry is None:
             return None
         stored, value = entry
-        if self._clock.seconds() - stored >= max_age:
+        age = self._clock.seconds() - stored
+        if age >= max_age:
             del self._data[key]
             return None
         self._data.move_to_end(key)
-        return value
+        return age, value
 
     def put(self, key: K, value: V) -> None:
         if self.max_entries <= 0:
@@ -153,6 +163,8 @@ class TokenValidator:
         self._generation = 0
         #: Optional L{llmproxy.metrics.Metrics}: token-cache hits and misses.
         self.metrics: Any = None
+        #: Keys of the entries being read again in the background.
+        self._refreshing: set[tuple[str, str]] = set()
         if hub is not None:
             hub.subscribe(self.invalidate)
 
@@ -209,7 +221,7 @@ class TokenValidator:
         if not is_valid_format(presented):
             raise _invalid("invalid token format: invalid token format")
         token_hash = hash_token(presented)
-        token = self._tokens.get(token_hash, self.token_cache_ttl)
+        token = self._cached(self._tokens, "token", token_hash, self.token_cache_ttl)
         if token is not None:
             self.validate_cached(token)
         else:
@@ -239,7 +251,7 @@ class TokenValidator:
         """
         if not is_valid_format(presented):
             return None
-        return self._tokens.get(hash_token(presented), self.token_cache_ttl)
+        return self._cached(self._tokens, "token", hash_token(presented), self.token_cache_ttl)
 
     def validate_cached(self, token: Token) -> None:
         """L{validate} (without counting) for a token L{cached_token} returned."""
@@ -260,7 +272,45 @@ class TokenValidator:
         """The cached project no older than C{max_age}, or None (no side effect)."""
         if max_age <= 0:
             return None
-        return self._projects.get(project_id, max_age)
+        return self._cached(self._projects, "project", project_id, max_age)
+
+    # -- refresh ahead -----------------------------------------------------------------
+
+    def _cached(self, cache: TTLCache[str, Any], kind: str, key: str, max_age: float) -> Any:
+        """
+        A cached entry; once it is past L{REFRESH_AHEAD} of its TTL it is
+        still served, and read again from the store in the background, so a
+        steadily used token or project never makes a request wait for the
+        store (the TTL still bounds how stale an answer can be).
+        """
+        entry = cache.get_entry(key, max_age)
+        if entry is None:
+            return None
+        age, value = entry
+        if age >= max_age * REFRESH_AHEAD and (kind, key) not in self._refreshing:
+            self._refreshing.add((kind, key))
+            defer.ensureDeferred(self._refresh(cache, kind, key))
+        return value
+
+    async def _refresh(self, cache: TTLCache[str, Any], kind: str, key: str) -> None:
+        generation = self._generation
+        try:
+            if kind == "token":
+                value: Any = await self.store.get_token_by_hash(key)
+            else:
+                value = await self.store.get_project(key)
+        except Exception as e:
+            # The entry expires as usual and the next request asks the store.
+            log.debug("refreshing a cached {kind} failed: {why}", kind=kind, why=e)
+            return
+        finally:
+            self._refreshing.discard((kind, key))
+        if generation != self._generation:
+            return  # changed meanwhile: the invalidation already dropped it
+        if value is None:
+            cache.pop(key)
+        else:
+            cache.put(key, value)
 
     def check_cached_project(self, token: Token, project: Project) -> None:
         """L{check_project} for a project L{cached_project} returned."""
