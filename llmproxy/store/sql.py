@@ -276,9 +276,13 @@ def _literal(node: ast.expr) -> set[str] | None:
 def bundled_head() -> str | None:
     """
     The newest migration bundled with this version of llmproxy, found
-    without importing Alembic; None when only Alembic can tell.
+    without importing Alembic; None when only Alembic can tell (also when
+    the scripts cannot be read or parsed: Alembic then reports why).
     """
-    return scan_head(os.path.join(MIGRATIONS_DIR, "versions"))
+    try:
+        return scan_head(os.path.join(MIGRATIONS_DIR, "versions"))
+    except (OSError, SyntaxError, ValueError):
+        return None
 
 
 def scan_head(versions: str) -> str | None:
