@@ -13,16 +13,22 @@ from llmproxy.proxy.headers import (
 )
 
 
-def upstream(client: dict[bytes, list[bytes]], uri: bytes = b"/v1/chat/completions") -> Headers:
-    return upstream_request_headers(
+def upstream(
+    client: dict[bytes, list[bytes]], uri: bytes = b"/v1/chat/completions", key: str = "sk-real"
+) -> Headers:
+    pairs = upstream_request_headers(
         Headers(client),
         uri=uri,
-        api_key="sk-real",
+        api_key=key,
         project_id="p-1",
         request_id="r-1",
         peer_ip="10.1.2.3",
         started_wall=1.5,
     )
+    out = Headers()
+    for name, value in pairs:
+        out.addRawHeader(name, value)
+    return out
 
 
 class UpstreamHeaderTests(SynchronousTestCase):
@@ -44,6 +50,11 @@ class UpstreamHeaderTests(SynchronousTestCase):
         self.assertEqual(h.getRawHeaders(b"x-upstream-request-start"), [b"1500000000"])
         self.assertIsNone(h.getRawHeaders(b"host"))  # the Agent sets the upstream's
         self.assertIsNone(h.getRawHeaders(b"content-length"))
+
+    def test_a_key_with_a_line_break_stays_one_header(self) -> None:
+        h = upstream({}, key="sk-real\r\nX-Injected: 1")
+        self.assertEqual(h.getRawHeaders(b"authorization"), [b"Bearer sk-real X-Injected: 1"])
+        self.assertIsNone(h.getRawHeaders(b"x-injected"))
 
     def test_hop_by_hop_and_client_ip_headers_dropped(self) -> None:
         h = upstream(

@@ -28,7 +28,7 @@ and a timer per pooled connection). What the proxy relies on is kept:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -599,19 +599,22 @@ class UpstreamPool:
         origin: Origin,
         method: bytes,
         path: bytes,
-        headers: Headers,
+        headers: Headers | Sequence[tuple[bytes, bytes]],
         body: bytes | IBodyProducer | None = None,
     ) -> defer.Deferred[UpstreamResponse]:
         """
-        Send C{method path} with C{headers} (Host and Content-Length are
-        added) and fire with the response once its head arrived.
+        Send C{method path} with C{headers} (a L{Headers}, or C{(name,
+        value)} pairs in sending order; Host and Content-Length are added)
+        and fire with the response once its head arrived.
         """
-        parts = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, path, origin.host_header)]
-        append = parts.append
-        for name, values in headers.getAllRawHeaders():
-            for value in values:
-                append(b"%s: %s\r\n" % (name, value))
-        head = b"".join(parts)
+        if isinstance(headers, Headers):
+            headers = [(n, v) for n, values in headers.getAllRawHeaders() for v in values]
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            method,
+            path,
+            origin.host_header,
+            b"".join([b"%s: %s\r\n" % pair for pair in headers]),
+        )
         state: dict[str, Any] = {"conn": None, "connecting": None, "retried": False}
 
         def cancel(d: defer.Deferred[UpstreamResponse]) -> None:

@@ -9,6 +9,7 @@ names, never cross.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.web.http_headers import Headers
@@ -127,6 +128,10 @@ def wants_stream(request_headers: Headers, uri: bytes) -> bool:
     return b"stream=true" in query.lower()
 
 
+#: A header list in the order it is sent: C{(name, value)} pairs, names repeated as needed.
+HeaderPairs = list[tuple[bytes, bytes]]
+
+
 def upstream_request_headers(
     client: Headers,
     *,
@@ -136,28 +141,49 @@ def upstream_request_headers(
     request_id: str,
     peer_ip: str,
     started_wall: float,
-) -> Headers:
+) -> HeaderPairs:
     """
     The headers sent upstream: the client's, minus hop-by-hop, client-IP
     and proxy-owned ones, plus the project's key and the proxy's own. The
-    Agent adds C{Host} (the upstream's) and C{Content-Length}.
+    HTTP client adds C{Host} (the upstream's) and C{Content-Length}.
+
+    A plain list rather than a L{Headers}: it is built for every request
+    and only ever written out once.
     """
     drop = _dropped(_DROP_UPSTREAM, client)
-    out = Headers()
-    for name, values in client.getAllRawHeaders():
-        if name.lower() not in drop:
-            out.setRawHeaders(name, list(values))
-    out.setRawHeaders(b"Authorization", [b"Bearer " + api_key.encode("utf-8")])
-    out.setRawHeaders(b"X-Proxy", _PROXY_NAME)
-    out.setRawHeaders(b"X-Proxy-Version", _PROXY_VERSION)
-    out.setRawHeaders(b"X-Proxy-ID", [project_id.encode("utf-8")])
-    out.setRawHeaders(b"X-Request-ID", [request_id.encode("utf-8")])
-    out.setRawHeaders(b"X-UPSTREAM-REQUEST-START", [unix_ns(started_wall)])
+    out = [
+        (name, value)
+        for name, values in client.getAllRawHeaders()
+        if name.lower() not in drop
+        for value in values
+    ]
+    key = api_key.encode("utf-8")
+    if b"\r" in key or b"\n" in key:
+        key = b" ".join(key.splitlines())  # never a second header line
+    out += [
+        (b"Authorization", b"Bearer " + key),
+        (b"X-Proxy", PROXY_NAME),
+        (b"X-Proxy-Version", PROXY_VERSION),
+        (b"X-Proxy-Id", project_id.encode("utf-8")),
+        (b"X-Request-Id", request_id.encode("utf-8")),
+        (b"X-Upstream-Request-Start", unix_ns(started_wall)),
+    ]
     if peer_ip:
-        out.setRawHeaders(b"X-Forwarded-For", [peer_ip.encode("latin-1")])
-    if not out.hasHeader(b"accept") and wants_stream(client, uri):
-        out.setRawHeaders(b"Accept", [b"text/event-stream"])
+        out.append((b"X-Forwarded-For", peer_ip.encode("latin-1")))
+    if not client.hasHeader(b"accept") and wants_stream(client, uri):
+        out.append((b"Accept", b"text/event-stream"))
     return out
+
+
+def replace_headers(
+    headers: HeaderPairs, replacements: Iterable[tuple[bytes, bytes]]
+) -> HeaderPairs:
+    """C{headers} with every name in C{replacements} set to the replacement's value."""
+    extra = list(replacements)
+    if not extra:
+        return headers
+    names = {name.lower() for name, _ in extra}
+    return [(n, v) for n, v in headers if n.lower() not in names] + extra
 
 
 def copy_response_headers(upstream: Headers, downstream: Headers) -> None:

@@ -47,6 +47,7 @@ from llmproxy.proxy.headers import (
     PROXY_NAME,
     copy_response_headers,
     is_event_stream,
+    replace_headers,
     rfc3339_ns,
     unix_ns,
     upstream_request_headers,
@@ -516,8 +517,7 @@ class ProxyResource(ReverseProxyResource):
             started_wall=started_wall,
         )
         if lookup is not None:
-            for name, value in lookup.upstream_headers():
-                headers.setRawHeaders(name, [value])
+            headers = replace_headers(headers, lookup.upstream_headers())
         producer, body_size = body_producer(request.content, self.cooperator)
         if self.prepare_body is not None and request.method == b"POST" and body_size > 0:
             producer = self._rewritten(request, record, body_size, producer) or producer

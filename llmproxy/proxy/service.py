@@ -6,6 +6,7 @@ on stop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -73,7 +74,7 @@ class UpstreamClientService(service.Service):
         origin: Origin,
         method: bytes,
         path: bytes,
-        headers: Headers,
+        headers: Headers | Sequence[tuple[bytes, bytes]],
         body: bytes | IBodyProducer | None = None,
     ) -> defer.Deferred[UpstreamResponse]:
         """Send a request upstream; fires with the response once its headers arrived."""
