@@ -201,6 +201,16 @@ class SiteTests(SynchronousTestCase):
         self.assertEqual(json.loads(stream.lines[-1])["path"], "/live")
         self.assertTrue(all(line.endswith("}\n") for line in stream.lines))
 
+    def test_proxy_route_is_reached_directly_with_the_usual_headers(self) -> None:
+        site, _ = self.make_site(10)
+        for path, proxied in ((b"/v1/x", True), (b"/v1", True), (b"/v1x", False)):
+            channel, transport = self.connect(site)
+            channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, _, body = transport.value().partition(b"\r\n\r\n")
+            self.assertEqual(body == b"proxied:" + path, proxied, (path, body))
+            self.assertIn(b"\r\nDate: ", head)
+            self.assertIn(b"\r\nServer: ", head)
+
     def test_drain_tracking(self) -> None:
         site, _ = self.make_site(1000)
         pending: defer.Deferred[None] = defer.Deferred()

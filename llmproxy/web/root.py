@@ -15,11 +15,12 @@ class Root(Resource):
     def __init__(self, web: IResource, proxy: IResource) -> None:
         super().__init__()
         self._web = web
-        self._proxy = proxy
+        #: Requests for C{/v1} and below go here (the site reaches it directly).
+        self.proxy = proxy
 
     def getChild(self, path: bytes, request: Request) -> IResource:  # type: ignore[override]
         if path == b"v1":
-            return self._proxy
+            return self.proxy
         # Put the segment back so the web app routes on the full path.
         request.postpath.insert(0, request.prepath.pop())  # type: ignore[union-attr]
         stamp_request_ids(request)

@@ -16,8 +16,10 @@ from typing import IO, Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.server import Request, Site
+from twisted.web.server import version as server_version
 
 from llmproxy.eagerwrite import make_eager
 
@@ -53,6 +55,18 @@ def no_delay(transport: Any) -> None:
             set_no_delay(True)
         except OSError:
             pass
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP date, formatted once per second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0] = now
+        _date[1] = http.datetimeToString(now)
+    return _date[1]  # type: ignore[no-any-return]
+
+
+_date: list[Any] = [0, b""]
 
 
 def new_request_id() -> str:
@@ -104,8 +118,24 @@ class LLMProxyRequest(Request):
         if self.body_limit_hit:
             # Already answered 413; the rest of the body must not reach a resource.
             return
-        self.channel.site.request_started(self)  # type: ignore[attr-defined]
-        super().process()
+        site = self.channel.site  # type: ignore[attr-defined]
+        site.request_started(self)
+        proxy = site.proxy_resource
+        path = self.path
+        if proxy is None or not (path.startswith(b"/v1/") or path == b"/v1"):
+            super().process()
+            return
+        # The proxy's route, as Request.process would reach it, without the
+        # generic resource traversal (and with the Date header made once a second).
+        self.site = site
+        self.setHeader(b"Server", server_version)
+        self.setHeader(b"Date", http_date())
+        self.prepath = [b"v1"]
+        self.postpath = []
+        try:
+            self.render(proxy)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def gotLength(self, length: int | None) -> None:
         limit = self.channel.site.max_request_size  # type: ignore[attr-defined]
@@ -271,6 +301,11 @@ class LLMProxySite(Site):
         self._channels: set[http.HTTPChannel] = set()
         self._idle_waiters: list[defer.Deferred[None]] = []
         self.draining = False
+
+    @property
+    def proxy_resource(self) -> Any:
+        """The C{/v1} resource, reached without traversal (see L{LLMProxyRequest.process})."""
+        return getattr(self.resource, "proxy", None)
 
     # -- connection tracking -------------------------------------------------
 
