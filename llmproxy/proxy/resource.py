@@ -290,7 +290,10 @@ class ProxyResource(ReverseProxyResource):
             )
             return NOT_DONE_YET
         exchange = _Exchange()
-        request.notifyFinish().addErrback(exchange.lost)
+        if hasattr(request, "on_connection_lost"):
+            request.on_connection_lost = exchange.lost
+        else:
+            request.notifyFinish().addErrback(exchange.lost)
         try:
             handled = self._proxy_now(request, record, exchange)
         except Exception:
@@ -364,7 +367,7 @@ class ProxyResource(ReverseProxyResource):
         if cache is not None and cache.needs_lookup(request.method, request.requestHeaders):
             return False
         semaphore = self.client.semaphore(self.upstream.name)
-        if semaphore.tokens <= 0:
+        if semaphore.tokens <= 0 or semaphore.waiting:
             return False
         # Committed: from here on this request is answered on this path.
         lookup: LookupResult | None = None
@@ -385,7 +388,7 @@ class ProxyResource(ReverseProxyResource):
         except Rejection as rejection:
             self._rejected(request, record, rejection, presented)
             return True
-        semaphore.acquire()  # fires at once: a token is free
+        semaphore.take_now()  # a slot is free (checked above)
         try:
             d = self._exchange(request, record, exchange, token, api_key, lookup)
         except BaseException:

@@ -22,6 +22,15 @@ from llmproxy.proxy.forward import CachedEndpointFactory
 log = Logger()
 
 
+class ConcurrencyCap(defer.DeferredSemaphore):
+    """A L{defer.DeferredSemaphore} that can also take a free slot without a Deferred."""
+
+    def take_now(self) -> None:
+        """Take a slot the caller saw free (C{tokens > 0}, nobody waiting)."""
+        assert self.tokens > 0 and not self.waiting
+        self.tokens -= 1
+
+
 class UpstreamClientService(service.Service):
     """
     Owns the L{UpstreamPool} every proxied request goes through.
@@ -59,7 +68,7 @@ class UpstreamClientService(service.Service):
             max_idle=max_per_host,
             idle_timeout=max(1.0, idle_connection_timeout),
         )
-        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+        self._semaphores: dict[str, ConcurrencyCap] = {}
 
     def origin(self, scheme: str, host: str, port: int) -> Origin:
         """The pool's handle for an upstream (made once, used per request)."""
@@ -80,11 +89,11 @@ class UpstreamClientService(service.Service):
         """Send a request upstream; fires with the response once its headers arrived."""
         return self.pool.request(origin, method, path, headers, body)
 
-    def semaphore(self, provider: str) -> defer.DeferredSemaphore:
+    def semaphore(self, provider: str) -> ConcurrencyCap:
         """The cap on concurrent upstream requests to C{provider}."""
         sem = self._semaphores.get(provider)
         if sem is None:
-            sem = self._semaphores[provider] = defer.DeferredSemaphore(self.max_concurrent)
+            sem = self._semaphores[provider] = ConcurrencyCap(self.max_concurrent)
         return sem
 
     def stopService(self) -> defer.Deferred[Any]:

@@ -108,6 +108,10 @@ class LLMProxyRequest(Request):
     #: Set by the proxy once computed (see L{client_ip}), for the access log.
     client_ip: str | None = None
     body_limit_hit: bool = False
+    #: Called once with the reason if the connection is lost before the
+    #: answer is complete: what C{notifyFinish().addErrback} does, without
+    #: a Deferred per request.
+    on_connection_lost: Callable[[Failure], Any] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,6 +140,12 @@ class LLMProxyRequest(Request):
             self.render(proxy)
         except BaseException:
             self.processingFailed(Failure())
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        lost, self.on_connection_lost = self.on_connection_lost, None
+        if lost is not None:
+            lost(reason)
 
     def gotLength(self, length: int | None) -> None:
         limit = self.channel.site.max_request_size  # type: ignore[attr-defined]
