@@ -296,6 +296,8 @@ class ClientTests(TestCase):
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nBad Name: x\r\n\r\n",
             b"HTTP/1.1 200 OK\r\n folded: x\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-A: 1\nX-B: 2\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-A: 1\rX-B: 2\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000,
         ):
             self.script(answer(raw))

@@ -44,6 +44,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from llmproxy.eagerwrite import make_eager
+from llmproxy.web.headerstore import add_clean
 from llmproxy.web.site import no_delay
 
 log = Logger()
@@ -298,9 +299,10 @@ class UpstreamConnection(Protocol):
             return None
         if code == 101 or code < 100:
             raise BadResponse("unexpected status code")
+        if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+            raise BadResponse("line break inside a header line")
         phrase = status[2] if len(status) > 2 else b""
         headers = Headers()
-        add = headers.addRawHeader
         length = -1
         chunked = False
         close = version == b"HTTP/1.0"
@@ -328,7 +330,7 @@ class UpstreamConnection(Protocol):
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
             try:
-                add(name, value)
+                add_clean(headers, name, value)
             except ValueError:
                 raise BadResponse("malformed header name") from None
         if self._head_method or code in (204, 304):

@@ -14,6 +14,8 @@ from typing import Any
 
 from twisted.web.http_headers import Headers
 
+from llmproxy.web.headerstore import set_clean
+
 PROXY_NAME = b"llm-proxy"
 PROXY_VERSION = b"0.1.0"
 
@@ -187,11 +189,14 @@ def replace_headers(
 
 
 def copy_response_headers(upstream: Headers, downstream: Headers) -> None:
-    """Upstream response headers the client may see (all but hop-by-hop)."""
+    """
+    Upstream response headers the client may see (all but hop-by-hop).
+    C{upstream} is a L{Headers}, so its names and values are already valid.
+    """
     drop = _dropped(_DROP_DOWNSTREAM, upstream)
     for name, values in upstream.getAllRawHeaders():
         if name.lower() not in drop:
-            downstream.setRawHeaders(name, list(values))
+            set_clean(downstream, name, values)
 
 
 def is_event_stream(headers: Headers) -> bool:

@@ -59,6 +59,7 @@ from llmproxy.ratelimit.policy import RateLimitPolicy
 from llmproxy.store.records import Token
 from llmproxy.tokens.validator import Rejection, TokenValidator, extract_bearer
 from llmproxy.web.errors import json_error
+from llmproxy.web.headerstore import set_clean
 from llmproxy.web.site import client_ip, new_request_id
 
 with warnings.catch_warnings():
@@ -595,16 +596,16 @@ class ProxyResource(ReverseProxyResource):
         if length is not None and request.method != b"HEAD" and response.code not in (204, 304):
             # The client parses Content-Length out of the headers; pass it on
             # so the body is not re-chunked and a cut stays detectable.
-            out.setRawHeaders(b"Content-Length", [str(length).encode()])
+            set_clean(out, b"Content-Length", [b"%d" % length])
         headers_at = rfc3339_ns(headers_wall)
-        out.setRawHeaders(b"X-Proxy", _PROXY_NAME)
-        out.setRawHeaders(b"X-Request-ID", [record.request_id.encode()])
-        out.setRawHeaders(b"X-Proxy-Received-At", [rfc3339_ns(record.received_at_wall)])
-        out.setRawHeaders(b"X-Proxy-First-Response-At", [headers_at])
-        out.setRawHeaders(b"X-Proxy-Final-Response-At", [headers_at])
-        out.setRawHeaders(b"X-Upstream-Request-Stop", [unix_ns(headers_wall)])
+        set_clean(out, b"X-Proxy", _PROXY_NAME)
+        set_clean(out, b"X-Request-ID", [record.request_id.encode()])
+        set_clean(out, b"X-Proxy-Received-At", [rfc3339_ns(record.received_at_wall)])
+        set_clean(out, b"X-Proxy-First-Response-At", [headers_at])
+        set_clean(out, b"X-Proxy-Final-Response-At", [headers_at])
+        set_clean(out, b"X-Upstream-Request-Stop", [unix_ns(headers_wall)])
         if not streamed:
-            out.setRawHeaders(b"X-Upstream-Request-Start", [unix_ns(started_wall)])
+            set_clean(out, b"X-Upstream-Request-Start", [unix_ns(started_wall)])
         self.policy.cors_headers(request)
         recording = record.capture
         taps = self._taps(record, response) if recording or record.usage_injected else []
@@ -623,7 +624,7 @@ class ProxyResource(ReverseProxyResource):
                 cache_tap = None
             if cache_tap is not None:
                 taps.append(cache_tap)
-        out.setRawHeaders(*_one(overhead_header(record)))
+        set_clean(out, *_one(overhead_header(record)))
         if recording:
             record.response_headers = list(_flat_headers(out))
         relay = BodyRelay(

@@ -22,6 +22,7 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from llmproxy.eagerwrite import make_eager
+from llmproxy.web.headerstore import set_clean
 
 log = Logger()
 
@@ -132,8 +133,8 @@ class LLMProxyRequest(Request):
         # The proxy's route, as Request.process would reach it, without the
         # generic resource traversal (and with the Date header made once a second).
         self.site = site
-        self.setHeader(b"Server", server_version)
-        self.setHeader(b"Date", http_date())
+        set_clean(self.responseHeaders, b"Server", [server_version])
+        set_clean(self.responseHeaders, b"Date", [http_date()])
         self.prepath = [b"v1"]
         self.postpath = []
         try:
