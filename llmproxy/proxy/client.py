@@ -559,6 +559,89 @@ class Origin:
         self.factory = _ConnectionFactory(pool, self.key)
 
 
+class _Attempt:
+    """One request on its way: where it is sent, and how to cancel or retry it."""
+
+    __slots__ = (
+        "pool",
+        "origin",
+        "method",
+        "head",
+        "body",
+        "result",
+        "conn",
+        "connecting",
+        "retried",
+    )
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        origin: Origin,
+        method: bytes,
+        head: bytes,
+        body: bytes | IBodyProducer | None,
+    ) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.method = method
+        self.head = head
+        self.body = body
+        self.result: defer.Deferred[UpstreamResponse] = defer.Deferred(self._cancel)
+        self.conn: UpstreamConnection | None = None
+        self.connecting: defer.Deferred[Any] | None = None
+        self.retried = False
+
+    def send(self, conn: UpstreamConnection, retry: Callable[[Failure], bool] | None) -> None:
+        self.conn = conn
+        conn.send(self.method, self.head, self.body, self.result, retry)
+
+    def retry(self, reason: Failure) -> bool:
+        """A reused connection closed before answering: send once more if that is safe."""
+        replayable = self.method in IDEMPOTENT and (
+            self.body is None or isinstance(self.body, bytes)
+        )
+        if self.retried or not replayable or self.result.called:
+            return False
+        self.retried = True
+        log.debug("reused upstream connection closed before answering; retrying once")
+        self.connect()
+        return True
+
+    def connect(self) -> None:
+        origin = self.origin
+        try:
+            endpoint = self.pool._endpoint_for(origin.scheme, origin.host, origin.port)
+            connecting = endpoint.connect(origin.factory)
+        except Exception:
+            self.result.errback()
+            return
+        self.connecting = connecting
+        connecting.addCallbacks(self._connected, self._not_connected)
+
+    def _connected(self, conn: UpstreamConnection) -> None:
+        self.connecting = None
+        if self.result.called:
+            conn.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.send(conn, None)
+
+    def _not_connected(self, failure: Failure) -> None:
+        self.connecting = None
+        if not self.result.called:
+            self.result.errback(failure)
+
+    def _cancel(self, result: defer.Deferred[UpstreamResponse]) -> None:
+        connecting, self.connecting = self.connecting, None
+        if connecting is not None:
+            connecting.cancel()
+            return
+        conn = self.conn
+        if conn is not None:
+            conn._result = None
+            conn._abandon()
+
+
 class UpstreamPool:
     """
     Keeps idle connections per upstream and sends requests over them.
@@ -617,69 +700,13 @@ class UpstreamPool:
             origin.host_header,
             b"".join([b"%s: %s\r\n" % pair for pair in headers]),
         )
-        state: dict[str, Any] = {"conn": None, "connecting": None, "retried": False}
-
-        def cancel(d: defer.Deferred[UpstreamResponse]) -> None:
-            connecting = state["connecting"]
-            if connecting is not None:
-                state["connecting"] = None
-                connecting.cancel()
-                return
-            conn = state["conn"]
-            if conn is not None:
-                conn._result = None
-                conn._abandon()
-
-        result: defer.Deferred[UpstreamResponse] = defer.Deferred(cancel)
-        replayable = method in IDEMPOTENT and not (body is not None and not isinstance(body, bytes))
-
-        def retry(reason: Failure) -> bool:
-            if state["retried"] or not replayable or result.called:
-                return False
-            state["retried"] = True
-            log.debug("reused upstream connection closed before answering; retrying once")
-            self._connect(origin, state, lambda conn: send(conn, None), result)
-            return True
-
-        def send(conn: UpstreamConnection, may_retry: Callable[[Failure], bool] | None) -> None:
-            state["conn"] = conn
-            conn.send(method, head, body, result, may_retry)
-
+        attempt = _Attempt(self, origin, method, head, body)
         conn = self._take(origin.key)
         if conn is not None:
-            send(conn, retry)
+            attempt.send(conn, attempt.retry)
         else:
-            self._connect(origin, state, lambda conn: send(conn, None), result)
-        return result
-
-    def _connect(
-        self,
-        origin: Origin,
-        state: dict[str, Any],
-        then: Callable[[UpstreamConnection], None],
-        result: defer.Deferred[UpstreamResponse],
-    ) -> None:
-        try:
-            endpoint = self._endpoint_for(origin.scheme, origin.host, origin.port)
-            connecting = endpoint.connect(origin.factory)
-        except Exception:
-            result.errback()
-            return
-        state["connecting"] = connecting
-
-        def connected(conn: UpstreamConnection) -> None:
-            state["connecting"] = None
-            if result.called:
-                conn.transport.loseConnection()  # type: ignore[union-attr]
-                return
-            then(conn)
-
-        def failed(failure: Failure) -> None:
-            state["connecting"] = None
-            if not result.called:
-                result.errback(failure)
-
-        connecting.addCallbacks(connected, failed)
+            attempt.connect()
+        return attempt.result
 
     # -- the idle pool ----------------------------------------------------------------
 
