@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import IO, Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -277,6 +278,9 @@ class AccessLog:
             pass
 
 
+_CLOSED_CLEANLY = Failure(ConnectionDone())
+
+
 class LLMProxyChannel(http.HTTPChannel):
     """
     The HTTP/1.1 channel: tells its site when it closes, turns Nagle off,
@@ -294,7 +298,7 @@ class LLMProxyChannel(http.HTTPChannel):
         host = transport.getHost()  # type: ignore[union-attr]
         self.getHost = lambda: host  # type: ignore[method-assign]
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = _CLOSED_CLEANLY) -> None:
         site = getattr(self, "site", None)
         if site is not None:
             site._channels.discard(self)
