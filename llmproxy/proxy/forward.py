@@ -11,7 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from twisted.internet import defer, error, task
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -64,7 +70,7 @@ class CachedEndpointFactory:
         key = (scheme, host, port)
         endpoint = self._cache.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+            endpoint = plain_endpoint(self._reactor, host, port, self._connect_timeout)
             if scheme == b"https":
                 creator = self._tls_policy.creatorForNetloc(host, port)
                 endpoint = wrapClientTLS(creator, endpoint)
@@ -72,6 +78,21 @@ class CachedEndpointFactory:
                 raise SchemeNotSupported(f"unsupported scheme {scheme!r}")
             self._cache[key] = endpoint
         return endpoint
+
+
+def plain_endpoint(reactor: Any, host: bytes, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    A TCP endpoint for C{host}: an IP address is connected to directly;
+    a name goes through L{HostnameEndpoint} (resolution in the reactor's
+    thread pool, then both address families tried). Resolving an address
+    literal would cost a thread round trip on every new connection.
+    """
+    text = host.decode("ascii", "replace")
+    if isIPAddress(text):
+        return TCP4ClientEndpoint(reactor, text, port, timeout=timeout)
+    if isIPv6Address(text):
+        return TCP6ClientEndpoint(reactor, text, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 # -- request bodies ---------------------------------------------------------------------
