@@ -315,6 +315,19 @@ def start_llmproxy(
         "AUDIT_LOG_FILE": os.path.join(home, "audit.log"),
         **a.daemon_env,
     }
+    # The schema is created first, as a deployment would run `llmproxy migrate
+    # up` once before (re)starting daemons: a daemon whose database is current
+    # never loads the migration tooling, so its memory is what a restarted
+    # daemon uses, not a first start's.
+    migrate = subprocess.run(
+        [a.python, "-c", "from llmproxy.cli import main; main()", "migrate", "up"],
+        cwd=home,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    if migrate.returncode != 0:
+        raise RuntimeError(f"llmproxy migrate up failed:\n{migrate.stderr[-2000:]}")
     argv = [a.python, "-c", TWISTD, "-n", "--pidfile=", "llmproxy"]
     argv += ["--port", f"tcp:{port}:interface=127.0.0.1"]
     if workers > 1:
