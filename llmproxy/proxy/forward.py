@@ -419,7 +419,8 @@ def response_length(length: Any) -> int | None:
 
 def describe_failure(failure: Failure, timed_out: bool = False) -> tuple[int, str, str, str]:
     """
-    Map a failure of C{Agent.request} to (status, error, code, description).
+    Map a failed upstream request (L{llmproxy.proxy.client.UpstreamPool.request})
+    to (status, error, code, description).
     The description names the kind of problem, never a secret or a body.
     C{timed_out}: the proxy cancelled the request because no response
     headers came in time.
