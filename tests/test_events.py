@@ -357,6 +357,36 @@ class SSEUsageTapTests(SynchronousTestCase):
             r.usage["total_tokens"], r.usage["prompt_tokens"] + r.usage["completion_tokens"]
         )
 
+    def test_long_stream_without_usage_keeps_all_its_text(self) -> None:
+        # Lines without usage figures are read only when needed, in batches:
+        # every word still reaches the estimate, in order.
+        words = [f"w{i} " for i in range(4000)]
+        lines = [
+            b'data: {"model":"gpt-4o-mini","choices":[{"delta":{"content":"'
+            + w.encode()
+            + b'"}}]}\n\n'
+            for w in words
+        ]
+        tap = SSEUsageTap(record(streamed=True), strip_usage=True)
+        out = b"".join(tap.feed(line) for line in lines) + tap.flush()
+        self.assertEqual(out, b"".join(lines))
+        self.assertEqual(tap.completion_text, "".join(words))
+
+    def test_usage_null_is_stripped_from_lines_read_later(self) -> None:
+        first = b'data: {"model":"m","choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+        second = b'data: {"model":"m","choices":[{"delta":{"content":"b"}}],"usage":null}\n\n'
+        tap = SSEUsageTap(record(streamed=True), strip_usage=True)
+        out = tap.feed(first) + tap.feed(second)
+        self.assertNotIn(b"usage", out)
+        self.assertEqual(
+            [json.loads(x[6:]) for x in out.split(b"\n\n") if x],
+            [
+                {"model": "m", "choices": [{"delta": {"content": "a"}}]},
+                {"model": "m", "choices": [{"delta": {"content": "b"}}]},
+            ],
+        )
+        self.assertEqual(tap.completion_text, "ab")
+
 
 class PrepareRequestBodyTests(SynchronousTestCase):
     path = "/v1/chat/completions"

@@ -31,6 +31,9 @@ ESTIMATED = "estimated"
 TEXT_LIMIT = 1 << 20
 #: A single SSE line longer than this is passed through unparsed.
 LINE_LIMIT = 4 << 20
+
+#: Bytes of unparsed stream lines an L{SSEUsageTap} holds before reading them.
+DEFER_LIMIT = 256 << 10
 #: Non-stream JSON bodies up to this size are parsed whole for usage.
 JSON_LIMIT = 1 << 20
 #: Of a larger body, this much of its start and end is kept.
@@ -250,9 +253,15 @@ class SSEUsageTap:
         self._dropping = False  # inside the removed usage event
         self._anthropic: dict[str, int] = {}
         self._filled = False
+        # Data lines that carry no usage figures, kept unparsed: their text
+        # is needed only for an estimate when no usage comes, so most
+        # streams never parse them (see L{_deferrable}).
+        self._deferred: list[bytes] = []
+        self._deferred_len = 0
 
     @property
     def completion_text(self) -> str:
+        self._parse_deferred()
         return "".join(self._text)
 
     # -- feeding -------------------------------------------------------------------------
@@ -323,7 +332,15 @@ class SSEUsageTap:
             return line
         if self._dropping:
             return None
-        parsed = self._parse(content)
+        if self._deferrable(content):
+            self._defer(content)
+            if content.endswith(_USAGE_NULL_LAST):
+                # The usage member the provider adds to every chunk once asked
+                # for the usage chunk; the client did not ask, so it goes.
+                line = content[: -len(_USAGE_NULL_LAST)] + b"}" + line[len(content) :]
+            self._event_started = True
+            return line
+        parsed = self._decode(content)
         if parsed is not None and content.startswith(b"data:"):
             usage_only = (
                 isinstance(parsed.get("usage"), dict)
@@ -339,7 +356,39 @@ class SSEUsageTap:
         self._event_started = True
         return line
 
+    def _deferrable(self, content: bytes) -> bool:
+        """
+        A data line whose parse can wait: the model is known, and the line
+        has no usage figures (no C{"usage"} member, or only the trailing
+        C{"usage":null} OpenAI adds to every chunk of a stream asked for its
+        usage). Such lines carry only text.
+        """
+        return (
+            self.model is not None
+            and content.startswith(b"data:")
+            and (b'"usage"' not in content or content.endswith(_USAGE_NULL_LAST))
+        )
+
+    def _defer(self, content: bytes) -> None:
+        self._deferred.append(content)
+        self._deferred_len += len(content)
+        if self._deferred_len > DEFER_LIMIT:
+            self._parse_deferred()  # a long stream: keep its text, not its lines
+
+    def _parse_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        self._deferred_len = 0
+        for content in deferred:
+            self._decode(content)
+
     def _parse(self, content: bytes) -> dict[str, Any] | None:
+        content = content.rstrip(b"\r")
+        if self._deferrable(content):
+            self._defer(content)
+            return None
+        return self._decode(content)
+
+    def _decode(self, content: bytes) -> dict[str, Any] | None:
         content = content.rstrip(b"\r")
         if not content.startswith(b"data:"):
             return None
@@ -438,6 +487,7 @@ class SSEUsageTap:
             record.model = self.model
         if self.usage is not None:
             record.usage = self.usage
+            self._deferred = []  # reported: the text is not needed
         elif record.usage is None and 200 <= record.status < 300:
             record.usage = _estimate_for(record, self.completion_text)
 
