@@ -9,6 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.testing.daemon import Daemon, start_daemon
 from tests.services import REDIS_HOST, REDIS_PORT, require_redis
+from tests.support import poll
 from tests.test_manage_daemon import call
 
 MT = "mt-cache-e2e-secret"
@@ -68,6 +69,9 @@ class CacheDaemonTests(SynchronousTestCase):
             REDIS_CACHE_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
             REDIS_CACHE_KEY_PREFIX=f"test-cache-e2e:{uuid.uuid4().hex}:",
         )
+        # The Redis connection is made after the port opens: ready within seconds.
+        ready, _ = poll(lambda: call(daemon, "GET", "/ready", token=None)[0] == 200, 10.0)
+        self.assertTrue(ready)
         status, _, payload = call(daemon, "GET", "/ready", token=None)
         self.assertEqual(status, 200)
         self.assertEqual(payload["checks"]["cache_redis"], "ok")
