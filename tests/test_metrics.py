@@ -267,3 +267,31 @@ class IsolationTests(SynchronousTestCase):
         self.assertEqual(a.json_snapshot()["cache_hits"], 1)
         self.assertEqual(b.json_snapshot()["cache_hits"], 0)
         self.assertIn(b"llm_proxy_cache_hits_total 0.0", b.prometheus_text())
+
+
+class FastHistogramTests(SynchronousTestCase):
+    def test_exposed_exactly_as_prometheus_client_exposes_a_histogram(self) -> None:
+        from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+        from llmproxy.metrics import LATENCY_BUCKETS, FastHistogram
+
+        stock, fast = CollectorRegistry(), CollectorRegistry()
+        labelled = (
+            Histogram("x_seconds", "doc", ["provider"], buckets=LATENCY_BUCKETS, registry=stock),
+            FastHistogram("x_seconds", "doc", ["provider"], buckets=LATENCY_BUCKETS, registry=fast),
+        )
+        plain = (
+            Histogram("y_seconds", "doc", buckets=(0.1, 1), registry=stock),
+            FastHistogram("y_seconds", "doc", buckets=(0.1, 1), registry=fast),
+        )
+        for value in (0.0, 0.001, 0.005, 0.3, 7.0, 400.0):
+            for h in labelled:
+                h.labels("openai").observe(value)
+            for g in plain:
+                g.observe(value)
+        expected = [
+            line
+            for line in generate_latest(stock).decode().splitlines()
+            if "_created" not in line  # the creation time is not kept
+        ]
+        self.assertEqual(generate_latest(fast).decode().splitlines(), expected)
