@@ -49,11 +49,12 @@ OPT_IN = {"Cache-Control": "public, max-age=60"}
 REDIS_CHECKS = ("cache_redis", "ratelimit_redis", "invalidation_pubsub", "redis-event-bus")
 
 #: What each instance logs about a Redis outage and its end.
+RATE_LIMITS_BACK = "Redis is back: rate limits are shared again"
 LOG_LINES = (
     "cache Redis unavailable",
     "Redis is back: the response cache is in use again",
     "rate-limit Redis unavailable",
-    "Redis is back: rate limits are shared again",
+    RATE_LIMITS_BACK,
     "invalidation subscriber lost its Redis connection",
     "invalidation subscriber reconnected to Redis",
     "event bus Redis unavailable",
@@ -414,6 +415,14 @@ class RedisRestartTests(TwoInstances):
                 out["hit_after"] = self.cache_hit_across(cache_token, "after")
                 out["shared_limits_after"], _ = poll(
                     lambda: self.window_shared(cache_token), 5.0, interval=0.2
+                )
+                # Each rate limiter tries Redis again on its own schedule, on a
+                # request: keep the traffic going until both have (a loaded
+                # machine can take seconds).
+                poll(
+                    lambda: all(RATE_LIMITS_BACK in d.log() for d in (self.a, self.b)),
+                    15.0,
+                    interval=0.2,
                 )
             finally:
                 stop.set()
