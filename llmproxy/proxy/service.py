@@ -6,17 +6,14 @@ on stop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.client import BrowserLikePolicyForHTTPS
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
 
-from llmproxy.proxy.client import Origin, UpstreamPool, UpstreamResponse
+from llmproxy.proxy.client import Origin, UpstreamPool
 from llmproxy.proxy.forward import CachedEndpointFactory
 
 log = Logger()
@@ -69,6 +66,9 @@ class UpstreamClientService(service.Service):
             idle_timeout=max(1.0, idle_connection_timeout),
         )
         self._semaphores: dict[str, ConcurrencyCap] = {}
+        #: Send a request upstream; fires with the response once its headers
+        #: arrived (see L{UpstreamPool.request}).
+        self.request = self.pool.request
 
     def origin(self, scheme: str, host: str, port: int) -> Origin:
         """The pool's handle for an upstream (made once, used per request)."""
@@ -77,17 +77,6 @@ class UpstreamClientService(service.Service):
         except UnicodeEncodeError:
             host_bytes = host.encode("idna")
         return self.pool.origin(scheme.encode("ascii"), host_bytes, port)
-
-    def request(
-        self,
-        origin: Origin,
-        method: bytes,
-        path: bytes,
-        headers: Headers | Sequence[tuple[bytes, bytes]],
-        body: bytes | IBodyProducer | None = None,
-    ) -> defer.Deferred[UpstreamResponse]:
-        """Send a request upstream; fires with the response once its headers arrived."""
-        return self.pool.request(origin, method, path, headers, body)
 
     def semaphore(self, provider: str) -> ConcurrencyCap:
         """The cap on concurrent upstream requests to C{provider}."""
