@@ -19,7 +19,6 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
-    IConsumer,
     IDelayedCall,
     IPushProducer,
     IReactorTime,
@@ -98,28 +97,6 @@ def plain_endpoint(reactor: Any, host: bytes, port: int, timeout: float) -> IStr
 # -- request bodies ---------------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A body already in memory, written in one go (no Cooperator needed)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 def body_length(content: IO[bytes] | None) -> int:
     if content is None:
         return 0
@@ -129,22 +106,23 @@ def body_length(content: IO[bytes] | None) -> int:
     return n
 
 
-def body_producer(
-    content: IO[bytes] | None, cooperator: Cooperator | None
-) -> tuple[IBodyProducer | None, int]:
+def request_body(
+    content: IO[bytes] | None, length: int, cooperator: Cooperator | None
+) -> bytes | IBodyProducer | None:
     """
-    The producer for a request body that has fully arrived (twisted.web
-    reads it before render), and its length. None for an empty body.
+    What to send upstream for a request body that has fully arrived
+    (twisted.web reads it before render) and is C{length} bytes long: the
+    bytes themselves when small (written with the request head in one go),
+    a producer streaming it from the request's temporary file when large,
+    None when empty.
     """
-    length = body_length(content)
     if content is None or length == 0:
-        return None, 0
+        return None
     if length <= SMALL_BODY:
         data = content.read()
         content.seek(0)
-        return BytesProducer(data), length
-    producer = FileBodyProducer(content, cooperator or task, readSize=65536)
-    return producer, length
+        return data
+    return FileBodyProducer(content, cooperator or task, readSize=65536)
 
 
 def read_prefix(content: IO[bytes] | None, limit: int) -> bytes:
@@ -473,14 +451,13 @@ def _is_tls_failure(f: Failure) -> bool:
 
 __all__ = [
     "BodyRelay",
-    "BytesProducer",
     "CachedEndpointFactory",
     "IBodyFilter",
     "IBodyTap",
     "is_body_filter",
     "TapFactory",
     "abort_client",
-    "body_producer",
+    "request_body",
     "describe_failure",
     "read_prefix",
 ]

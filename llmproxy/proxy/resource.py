@@ -31,16 +31,15 @@ from llmproxy.proxy.breaker import CircuitBreaker
 from llmproxy.proxy.forward import (
     CLIENT_ABORTED,
     BodyRelay,
-    BytesProducer,
     IBodyFilter,
     IBodyTap,
     TapFactory,
     abort_client,
     body_length,
-    body_producer,
     describe_failure,
     is_body_filter,
     read_prefix,
+    request_body,
     response_length,
 )
 from llmproxy.proxy.headers import (
@@ -522,10 +521,10 @@ class ProxyResource(ReverseProxyResource):
         )
         if lookup is not None:
             headers = replace_headers(headers, lookup.upstream_headers())
-        producer, body_size = body_producer(request.content, self.cooperator)
-        if self.prepare_body is not None and request.method == b"POST" and body_size > 0:
-            producer = self._rewritten(request, record, body_size, producer) or producer
-        body = producer.body if isinstance(producer, BytesProducer) else producer
+        length = record.request_size or 0
+        body = request_body(request.content, length, self.cooperator)
+        if self.prepare_body is not None and request.method == b"POST" and length > 0:
+            body = self._rewritten(request, record, length, body) or body
         record.upstream_started_at = time.monotonic()
         d = self.client.request(self._origin, request.method, request.uri, headers, body)
         exchange.pending = d
@@ -663,19 +662,16 @@ class ProxyResource(ReverseProxyResource):
             self._done(record, record.status)
 
     def _rewritten(
-        self, request: Request, record: RequestRecord, length: int, producer: Any
-    ) -> BytesProducer | None:
-        """The rewritten body's producer, or None to send the body as received."""
+        self, request: Request, record: RequestRecord, length: int, body: Any
+    ) -> bytes | None:
+        """The rewritten body, or None to send the body as received."""
         assert self.prepare_body is not None
         if length > REWRITE_LIMIT:
             return None
         content_type = request.getHeader(b"content-type")
-        if isinstance(producer, BytesProducer):
-            received = producer.body
-        else:
-            received = read_prefix(request.content, length)
+        received = body if isinstance(body, bytes) else read_prefix(request.content, length)
         try:
-            body, changed = self.prepare_body(
+            new, changed = self.prepare_body(
                 received,
                 content_type.decode("latin-1") if content_type else None,
                 request.uri.decode("utf-8", "replace"),
@@ -686,7 +682,7 @@ class ProxyResource(ReverseProxyResource):
         if not changed:
             return None
         record.usage_injected = True
-        return BytesProducer(body)
+        return new
 
     def _taps(self, record: RequestRecord, response: Any) -> list[IBodyTap]:
         taps: list[IBodyTap] = []
