@@ -9,6 +9,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+
 #: status, response headers (as the server spelled them), decoded JSON body (None when
 #: empty, the text when it is not JSON).
 Reply = tuple[int, dict[str, str], Any]
@@ -78,3 +81,32 @@ class LineSink:
 
     def flush(self) -> None:
         pass
+
+
+class BodyCollector(Protocol):
+    """Reads a response body (C{deliverBody}), remembering its chunks and how it ended."""
+
+    def __init__(self, on_data: Callable[[BodyCollector, bytes], Any] | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.reason: Any = None
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.on_data = on_data
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.on_data is not None:
+            self.on_data(self, data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        # Kept aside: a Deferred fired with a Failure would fail instead.
+        self.reason = reason
+        self.done.callback(None)
+
+    async def ended(self) -> Any:
+        """The reason the body ended (a Failure: ResponseDone when complete)."""
+        await self.done
+        return self.reason

@@ -6,16 +6,22 @@ The streaming proxy against a real in-process fake upstream, over real TCP
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import uuid
 from typing import Any
 
 import attrs
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseNeverReceived
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseNeverReceived,
+)
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
@@ -34,6 +40,7 @@ from llmproxy.tokens.validator import TokenValidator
 from llmproxy.web.app import WebApp
 from llmproxy.web.root import Root
 from llmproxy.web.site import LLMProxySite
+from tests.support import BodyCollector
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 NOW = datetime.datetime.now(datetime.UTC)
@@ -210,16 +217,14 @@ async def call(
     body: bytes | None = None,
     headers: dict[bytes, list[bytes]] | None = None,
 ) -> tuple[Any, bytes]:
-    from llmproxy.proxy.forward import BytesProducer
-
     h = Headers(headers or {})
     if token is not None:
         h.setRawHeaders(b"authorization", [b"Bearer " + token.encode()])
     if body is not None and not h.hasHeader(b"content-type"):
         h.setRawHeaders(b"content-type", [b"application/json"])
-    producer = BytesProducer(body) if body is not None else None
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
     response = await agent.request(method, url.encode(), h, producer)
-    collector = _Collector()
+    collector = BodyCollector()
     response.deliverBody(collector)
     await collector.done
     if not collector.reason.check(ResponseDone, PotentialDataLoss):
@@ -230,25 +235,6 @@ async def call(
 def header(response: Any, name: str) -> str | None:
     values = response.headers.getRawHeaders(name)
     return values[0] if values else None
-
-
-class _Collector(Protocol):
-    """Reads a response body, remembering how it ended."""
-
-    def __init__(self, on_data: Any = None) -> None:
-        self.data = b""
-        self.reason: Any = None
-        self.done: defer.Deferred[None] = defer.Deferred()
-        self.on_data = on_data
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-        if self.on_data is not None:
-            self.on_data(self, data)
-
-    def connectionLost(self, reason: Any) -> None:
-        self.reason = reason
-        self.done.callback(None)
 
 
 class ForwardingTests(TestCase):
@@ -416,13 +402,11 @@ class StreamingTests(TestCase):
         h.setRawHeaders(b"content-type", [b"application/json"])
         for k, v in knobs.items():
             h.setRawHeaders(b"x-fake-" + k.replace("_", "-").encode(), [v.encode()])
-        from llmproxy.proxy.forward import BytesProducer
-
         return await self.agent.request(
             b"POST",
             (self.h.url + "/v1/chat/completions").encode(),
             h,
-            BytesProducer(chat(stream=True)),
+            FileBodyProducer(io.BytesIO(chat(stream=True))),
         )
 
     async def test_events_arrive_as_the_upstream_sends_them(self) -> None:
@@ -432,11 +416,11 @@ class StreamingTests(TestCase):
         self.assertIsNone(header(response, "x-upstream-request-start"))
         sent_when_first_seen: list[int] = []
 
-        def on_data(collector: _Collector, data: bytes) -> None:
+        def on_data(collector: BodyCollector, data: bytes) -> None:
             if not sent_when_first_seen and b"data:" in data:
                 sent_when_first_seen.append(self.fake.events_sent)
 
-        collector = _Collector(on_data)
+        collector = BodyCollector(on_data)
         response.deliverBody(collector)
         await collector.done
         self.assertTrue(collector.reason.check(ResponseDone, PotentialDataLoss))
@@ -454,12 +438,12 @@ class StreamingTests(TestCase):
         response = await self.open_stream(chunks="50", chunk_delay_ms="50")
         finished = self.h.observer.next_finished()
 
-        def on_data(collector: _Collector, data: bytes) -> None:
+        def on_data(collector: BodyCollector, data: bytes) -> None:
             if collector.data.count(b"data:") >= 3 and not hasattr(collector, "closed"):
                 collector.closed = True  # type: ignore[attr-defined]
                 collector.transport.stopProducing()  # type: ignore[union-attr]
 
-        collector = _Collector(on_data)
+        collector = BodyCollector(on_data)
         response.deliverBody(collector)
         await collector.done
         record = await finished
@@ -496,7 +480,7 @@ class StreamingTests(TestCase):
 
     async def test_upstream_cut_aborts_the_client(self) -> None:
         response = await self.open_stream(chunks="10", cut_after="3")
-        collector = _Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         await collector.done
         # Not a clean end: the client sees a failed body, never ResponseDone.
@@ -510,7 +494,7 @@ class StreamingTests(TestCase):
     async def test_idle_upstream_is_cut_between_chunks(self) -> None:
         # idle timeout is 2 s; events every 3 s: the second never comes through.
         response = await self.open_stream(chunks="5", chunk_delay_ms="3000")
-        collector = _Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         await collector.done
         self.assertFalse(collector.reason.check(ResponseDone, PotentialDataLoss))
@@ -525,7 +509,7 @@ class StreamingTests(TestCase):
         self.h = await make_harness(self, listening.url, site_timeout=1.0)
         self.secret, self.token = self.h.add_token()
         response = await self.open_stream(chunks="6", chunk_delay_ms="400")
-        collector = _Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         await collector.done
         self.assertTrue(collector.reason.check(ResponseDone, PotentialDataLoss))
@@ -534,7 +518,7 @@ class StreamingTests(TestCase):
     async def test_long_stream_is_not_limited_by_total_duration(self) -> None:
         # 8 events 0.5 s apart = 4 s in total, longer than the 2 s idle timeout.
         response = await self.open_stream(chunks="5", chunk_delay_ms="500")
-        collector = _Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         await collector.done
         self.assertTrue(collector.reason.check(ResponseDone, PotentialDataLoss))

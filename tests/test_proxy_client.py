@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from llmproxy.proxy.client import Origin, UpstreamPool, UpstreamResponse
+from tests.support import BodyCollector
 
 #: What the scripted server does with one request: C{(request_bytes, transport)}.
 Script = Callable[[bytes, Any], None]
@@ -102,29 +103,6 @@ def silent(request: bytes, transport: Any) -> None:
     pass
 
 
-class Collector(Protocol):
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.done: defer.Deferred[Failure] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        # Kept aside: a Deferred fired with a Failure would fail instead.
-        self.reason = reason
-        self.done.callback(None)
-
-    async def ended(self) -> Failure:
-        await self.done
-        assert self.reason is not None
-        return self.reason
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.chunks)
-
-
 class ClientTests(TestCase):
     def setUp(self) -> None:
         self.server = Scripted()
@@ -161,10 +139,10 @@ class ClientTests(TestCase):
     ) -> tuple[UpstreamResponse, bytes, Failure]:
         headers = Headers({b"Content-Type": [b"application/json"]})
         response = await self.pool.request(self.origin, method, b"/v1/x?y=1", headers, body)
-        collector = Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         reason = await collector.ended()
-        return response, collector.body, reason
+        return response, collector.data, reason
 
     # -- the request --------------------------------------------------------------------
 
@@ -227,7 +205,7 @@ class ClientTests(TestCase):
 
         self.script(stream)
         response = await self.pool.request(self.origin, b"POST", b"/", Headers(), b"{}")
-        collector = Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         while not collector.chunks:
             await deferLater(0.005)
@@ -237,7 +215,7 @@ class ClientTests(TestCase):
         release.callback(None)
         reason = await collector.ended()
         self.assertTrue(reason.check(ResponseDone))
-        self.assertEqual(collector.body, b"firstsecond")
+        self.assertEqual(collector.data, b"firstsecond")
 
     async def test_interim_answer_is_skipped(self) -> None:
         self.script(
@@ -357,13 +335,9 @@ class ClientTests(TestCase):
     async def test_stopping_the_body_closes_the_connection(self) -> None:
         self.script(answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"))
 
-        class StopAfterFirst(Collector):
-            def dataReceived(self, data: bytes) -> None:
-                super().dataReceived(data)
-                self.transport.stopProducing()  # type: ignore[union-attr]
-
         response = await self.pool.request(self.origin, b"POST", b"/", Headers(), b"{}")
-        collector = StopAfterFirst()
+        # Stop after the first piece of the body.
+        collector = BodyCollector(lambda c, data: c.transport.stopProducing())
         response.deliverBody(collector)
         reason = await collector.ended()
         self.assertTrue(reason.check(ResponseFailed))
@@ -375,10 +349,10 @@ class ClientTests(TestCase):
         self.script(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"))
         response = await self.pool.request(self.origin, b"POST", b"/", Headers(), b"{}")
         await deferLater(0.05)
-        collector = Collector()
+        collector = BodyCollector()
         response.deliverBody(collector)
         reason = await collector.ended()
-        self.assertEqual(collector.body, b"hello")
+        self.assertEqual(collector.data, b"hello")
         self.assertTrue(reason.check(ResponseDone))
         await self.fetch()
         self.assertEqual(len(self.server.connections), 1)
