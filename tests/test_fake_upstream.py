@@ -299,8 +299,23 @@ class StreamTests(SynchronousTestCase):
         for _ in range(6):
             self.clock.advance(0.05)
             counts.append(len(c.events()))
-        # role, 3 content, finish, [DONE]: one more per 50 ms
-        self.assertEqual(counts, [1, 2, 3, 4, 5, 6, 6])
+        # role, 3 content: one more per 50 ms; as from OpenAI, the finish
+        # chunk and [DONE] come together
+        self.assertEqual(counts, [1, 2, 3, 4, 6, 6, 6])
+        self.assertEqual(self.fake.streams_completed, 1)
+
+    def test_pacing_usage_chunk_comes_with_the_finish_chunk(self) -> None:
+        c = self.stream(
+            [("X-Fake-Chunks", "2"), ("X-Fake-Chunk-Delay-Ms", "50")],
+            stream_options={"include_usage": True},
+        )
+        counts = [len(c.events())]
+        for _ in range(4):
+            self.clock.advance(0.05)
+            counts.append(len(c.events()))
+        # role, 2 content, then finish, usage and [DONE] at once
+        self.assertEqual(counts, [1, 2, 3, 6, 6])
+        self.assertEqual(json.loads(c.events()[-2])["choices"], [])
         self.assertEqual(self.fake.streams_completed, 1)
 
     def test_client_disconnect_is_recorded_and_stops_stream(self) -> None:

@@ -29,9 +29,11 @@ Knobs, set per request as a header or a query parameter (the header wins):
 ``X-Fake-Chunks`` / ``fake_chunks``     content chunks in a stream (default 3);
                                         also the number of words of a
                                         non-streaming answer
-``X-Fake-Chunk-Delay-Ms`` /             delay between two stream events (and
-``fake_chunk_delay_ms``                 between big-body chunks); 0 writes all
-                                        at once (default 0)
+``X-Fake-Chunk-Delay-Ms`` /             delay between two stream events up to
+``fake_chunk_delay_ms``                 the finish chunk (it, the usage chunk
+                                        and ``[DONE]`` come together, as from
+                                        OpenAI) and between big-body chunks;
+                                        0 writes all at once (default 0)
 ``X-Fake-Latency-Ms`` /                 delay before the response headers
 ``fake_latency_ms``                     (default 0)
 ``X-Fake-Error-Status`` /               answer with this status and an
@@ -79,7 +81,7 @@ import hashlib
 import json
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -635,10 +637,15 @@ class _Exchange:
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-request-id", self.fake.next_id("req").encode())
         lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+        # A delay follows every event before the finish chunk; as from OpenAI,
+        # the finish chunk, the usage chunk and [DONE] come together.
+        paced = len(lines)
+        while paced > 1 and not events[paced - 1].get("choices"):
+            paced -= 1
         lines.append(b"data: [DONE]\n\n")
         self.fake.streams_started += 1
         request.notifyFinish().addErrback(self._lost)
-        self._pump(iter(lines), first=True)
+        self._pump(lines, paced)
         return NOT_DONE_YET
 
     def _lost(self, _failure: Failure) -> None:
@@ -646,24 +653,24 @@ class _Exchange:
             self.fake.disconnects.append(StreamDisconnect(self.request.path, self.sent))
         self.cancel()
 
-    def _pump(self, lines: Iterator[bytes], first: bool = False) -> None:
+    def _pump(self, lines: list[bytes], paced: int) -> None:
+        """Write C{lines} from the C{self.sent}th on, a delay after each before the C{paced}th."""
         self.pending = None
         if self.gone:
             return
         delay = self.knobs.chunk_delay
-        for line in lines:
-            if self.knobs.cut_after is not None and self.sent >= self.knobs.cut_after:
+        cut_after = self.knobs.cut_after
+        while self.sent < len(lines):
+            if cut_after is not None and self.sent >= cut_after:
                 self._cut()
                 return
-            self.request.write(line)
+            self.request.write(lines[self.sent])
             self.sent += 1
             self.fake.events_sent += 1
-            if delay > 0 and line != b"data: [DONE]\n\n":
-                # Pace the events, but end the body right after [DONE] as
-                # OpenAI does (clients close the connection once they see it).
-                self.later(delay, lambda: self._pump(lines))
+            if delay > 0 and self.sent < paced:
+                self.later(delay, lambda: self._pump(lines, paced))
                 return
-        if self.knobs.cut_after is not None and self.sent >= self.knobs.cut_after:
+        if cut_after is not None and self.sent >= cut_after:
             # the cut point is at or past the end: still no clean end
             self._cut()
             return
