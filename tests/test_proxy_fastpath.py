@@ -6,13 +6,15 @@ already cached) get exactly the answers of the first, uncached request.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import time
+import weakref
 from typing import Any
 
 import attrs
 from twisted.internet import reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from llmproxy.proxy.record import RequestRecord
@@ -126,3 +128,67 @@ class CachedPathTests(TestCase):
         self.assertEqual([r.request_body for r in blind.finished], [b"", b""])
         self.assertEqual([r.response_body for r in blind.finished], [b"", b""])
         self.assertIsNotNone(blind.finished[1].overhead)
+
+
+class NoCycleTests(TestCase):
+    """
+    A proxied request is freed by reference counting once it is answered:
+    nothing it holds points back at it. Each request left in a cycle would
+    wait for the cyclic garbage collector, whose passes over thousands of
+    such requests paused the reactor for milliseconds under load.
+    """
+
+    timeout = 30
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.fake = FakeUpstream(clock=reactor)
+        listening = self.fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        self.h = await make_harness(self, listening.url)
+        self.agent = client_agent(self)
+        self.url = self.h.url + "/v1/chat/completions"
+        self.requests: list[weakref.ref[Any]] = []
+        factory = self.h.site.requestFactory
+
+        def recording(*args: Any, **kwargs: Any) -> Any:
+            request = factory(*args, **kwargs)
+            self.requests.append(weakref.ref(request))
+            return request
+
+        self.h.site.requestFactory = recording
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+
+    async def assert_freed(self) -> None:
+        for _ in range(250):
+            if self.requests and all(ref() is None for ref in self.requests):
+                return
+            await deferLater(reactor, 0.02, lambda: None)
+        alive = [ref() for ref in self.requests if ref() is not None]
+        self.fail(f"{len(alive)} of {len(self.requests)} requests still alive without a gc pass")
+
+    async def test_answer(self) -> None:
+        secret, _ = self.h.add_token()
+        for _ in range(2):  # the first fills the caches, the second is the cached path
+            response, _body = await call(self.agent, self.url, token=secret, body=chat())
+            self.assertEqual(response.code, 200)
+        await self.assert_freed()
+
+    async def test_stream(self) -> None:
+        secret, _ = self.h.add_token()
+        for _ in range(2):
+            response, body = await call(self.agent, self.url, token=secret, body=chat(True))
+            self.assertEqual(response.code, 200)
+            self.assertIn(b"data: [DONE]", body)
+        await self.assert_freed()
+
+    async def test_upstream_error(self) -> None:
+        secret, _ = self.h.add_token()
+        headers = {b"x-fake-error-status": [b"500"]}
+        for _ in range(2):
+            response, _body = await call(
+                self.agent, self.url, token=secret, body=chat(), headers=headers
+            )
+            self.assertEqual(response.code, 500)
+        await self.assert_freed()
