@@ -6,6 +6,7 @@ an abort closes at once; writes made from timers are sent too.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -14,8 +15,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
 
 from llmproxy.eagerwrite import EagerServer, make_eager
+from llmproxy.web.site import LLMProxySite
 
 
 class Reader(Protocol):
@@ -108,3 +111,24 @@ class EagerWriteTests(TestCase):
         # Whatever made it out before the abort, the connection is closed.
         self.assertLessEqual(len(data), 100)
         await deferLater(reactor, 0, lambda: None)
+
+
+class ChannelSocketTests(TestCase):
+    """The site's HTTP channel: its socket sends eagerly, with Nagle off."""
+
+    async def test_accepted_socket(self) -> None:
+        site = LLMProxySite(Resource(), clock=reactor, max_request_size=1024)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), Protocol()
+        )
+        self.addCleanup(client.transport.loseConnection)
+        for _ in range(100):
+            if site._channels:
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        (channel,) = site._channels
+        handle = channel.transport.getHandle()
+        self.assertTrue(handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        self.assertIsInstance(channel.transport, EagerServer)

@@ -291,16 +291,16 @@ _CLOSED_CLEANLY = Failure(ConnectionDone())
 
 class LLMProxyChannel(http.HTTPChannel):
     """
-    The HTTP/1.1 channel: tells its site when it closes, turns Nagle off,
-    asks the kernel for its local address once, and writes a response head
-    as one piece.
+    The HTTP/1.1 channel: tells its site when it closes, makes its transport
+    send at the end of the reactor turn (L{make_eager}), asks the kernel for
+    its local address once, and writes a response head as one piece.
+    (C{HTTPChannel.connectionMade} already turns Nagle off on TCP.)
     """
 
     def connectionMade(self) -> None:
         super().connectionMade()
         transport = self.transport
         make_eager(transport)
-        no_delay(transport)
         # Every request asks for the local address; it cannot change during
         # a connection, so ask the kernel once.
         host = transport.getHost()  # type: ignore[union-attr]
