@@ -26,7 +26,7 @@ class HeapFreezeTests(SynchronousTestCase):
         self.assertEqual(gc.get_freeze_count(), 0)
         clock.advance(0.1)
         self.assertGreater(gc.get_freeze_count(), 0)
-        self.assertEqual(gc.get_threshold(), (2_000, 20, 10))
+        self.assertEqual(gc.get_threshold(), (2_000, 5, 100))
         service.stopService()
 
     def test_stop_before_delay_cancels(self) -> None:
