@@ -42,7 +42,9 @@ class Blind:
         self.finished.append(record)
 
 
-class CachedPathTests(TestCase):
+class _ChatTestCase(TestCase):
+    """A fake upstream, the proxy in front of it, and a client for chat completions."""
+
     timeout = 30
 
     async def setUp(self) -> None:  # type: ignore[override]
@@ -50,12 +52,17 @@ class CachedPathTests(TestCase):
         listening = self.fake.listen(reactor)
         self.addCleanup(listening.stop)
         self.h = await make_harness(self, listening.url)
+        self.agent = client_agent(self)
+        self.url = self.h.url + "/v1/chat/completions"
+
+
+class CachedPathTests(_ChatTestCase):
+    async def setUp(self) -> None:  # type: ignore[override]
+        await super().setUp()
         self.audited: list[str] = []
         self.h.resource.audit = lambda request, rejection, presented: self.audited.append(
             rejection.code
         )
-        self.agent = client_agent(self)
-        self.url = self.h.url + "/v1/chat/completions"
 
     async def post(self, secret: str) -> tuple[int, Any, Any]:
         response, body = await call(self.agent, self.url, token=secret, body=chat())
@@ -130,7 +137,7 @@ class CachedPathTests(TestCase):
         self.assertIsNotNone(blind.finished[1].overhead)
 
 
-class NoCycleTests(TestCase):
+class NoCycleTests(_ChatTestCase):
     """
     A proxied request is freed by reference counting once it is answered:
     nothing it holds points back at it. Each request left in a cycle would
@@ -138,15 +145,8 @@ class NoCycleTests(TestCase):
     such requests paused the reactor for milliseconds under load.
     """
 
-    timeout = 30
-
     async def setUp(self) -> None:  # type: ignore[override]
-        self.fake = FakeUpstream(clock=reactor)
-        listening = self.fake.listen(reactor)
-        self.addCleanup(listening.stop)
-        self.h = await make_harness(self, listening.url)
-        self.agent = client_agent(self)
-        self.url = self.h.url + "/v1/chat/completions"
+        await super().setUp()
         self.requests: list[weakref.ref[Any]] = []
         factory = self.h.site.requestFactory
 
