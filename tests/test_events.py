@@ -372,6 +372,21 @@ class SSEUsageTapTests(SynchronousTestCase):
         self.assertEqual(out, b"".join(lines))
         self.assertEqual(tap.completion_text, "".join(words))
 
+    def test_the_first_event_is_relayed_unparsed_and_the_model_still_recorded(self) -> None:
+        first = b'data: {"model":"m1","choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+        usage = (
+            b'data: {"model":"m1","choices":[],'
+            b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+        )
+        for tail, source in ((usage, "reported"), (b"", "estimated")):
+            r = record(streamed=True)
+            tap = SSEUsageTap(r, strip_usage=True)
+            self.assertEqual(tap.feed(first), first.replace(b',"usage":null', b""))
+            self.assertIsNone(tap.model)  # not parsed on the way to the client
+            self.assertEqual(tap.feed(tail + b"data: [DONE]\n\n"), b"data: [DONE]\n\n")
+            tap.body_ended(True)
+            self.assertEqual((r.model, r.usage["source"]), ("m1", source))
+
     def test_usage_null_is_stripped_from_lines_read_later(self) -> None:
         first = b'data: {"model":"m","choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
         second = b'data: {"model":"m","choices":[{"delta":{"content":"b"}}],"usage":null}\n\n'

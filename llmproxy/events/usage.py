@@ -358,15 +358,15 @@ class SSEUsageTap:
 
     def _deferrable(self, content: bytes) -> bool:
         """
-        A data line whose parse can wait: the model is known, and the line
-        has no usage figures (no C{"usage"} member, or only the trailing
-        C{"usage":null} OpenAI adds to every chunk of a stream asked for its
-        usage). Such lines carry only text.
+        A data line whose parse can wait: it has no usage figures (no
+        C{"usage"} member, or only the trailing C{"usage":null} OpenAI adds
+        to every chunk of a stream asked for its usage). Such lines carry
+        only text and the model, which the usage chunk repeats; when no
+        usage comes, L{fill_record} parses them. The first event of a
+        stream is not parsed on its way to the client either.
         """
-        return (
-            self.model is not None
-            and content.startswith(b"data:")
-            and (b'"usage"' not in content or content.endswith(_USAGE_NULL_LAST))
+        return content.startswith(b"data:") and (
+            b'"usage"' not in content or content.endswith(_USAGE_NULL_LAST)
         )
 
     def _defer(self, content: bytes) -> None:
@@ -483,6 +483,8 @@ class SSEUsageTap:
         if self._filled:
             return
         self._filled = True
+        if self.model is None and self._deferred:
+            self._parse_deferred()  # the model is in the deferred lines
         if self.model:
             record.model = self.model
         if self.usage is not None:
