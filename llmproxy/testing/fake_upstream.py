@@ -636,7 +636,10 @@ class _Exchange:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-request-id", self.fake.next_id("req").encode())
-        lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
+        # compact JSON, "usage" last, as OpenAI writes its chunks
+        lines = [
+            b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events
+        ]
         # A delay follows every event before the finish chunk; as from OpenAI,
         # the finish chunk, the usage chunk and [DONE] come together.
         paced = len(lines)
