@@ -183,18 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.loadgen_cpu:
         os.sched_setaffinity(0, {int(a.loadgen_cpu)})
     try:
-        up_port = rig.free_port()
-        upstream = f"http://127.0.0.1:{up_port}"
-        request_file = os.path.join(workdir, "request.json")
-        with open(request_file, "wb") as f:
-            f.write(json.dumps(rig.CHAT).encode())
-        up = procs.start(
-            "upstream",
-            [a.python, os.path.join(rig.HERE, "upstream.py"), "--port", str(up_port)]
-            + ["--request", request_file],
-            cpu=a.loadgen_cpu,
-        )
-        rig.wait_http(upstream + "/v1/models", up, "upstream", procs)
+        upstream = rig.start_upstream(a, procs, a.loadgen_cpu)
+        up_port = int(upstream.rsplit(":", 1)[1])
         bl_port = rig.free_port()
         bl = procs.start(
             "baseline",

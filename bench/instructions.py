@@ -87,14 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     procs.start = start_wrapped  # type: ignore[method-assign]
     rig.wait_http = lambda url, proc, name, procs_: wait_answering(url)  # type: ignore[assignment]
     try:
-        port = rig.free_port()
-        upstream = f"http://127.0.0.1:{port}"
-        request_file = os.path.join(workdir, "request.json")
-        with open(request_file, "wb") as f:
-            f.write(json.dumps(rig.CHAT).encode())
-        script = os.path.join(rig.HERE, "upstream.py")
-        start("upstream", [a.python, script, "--port", str(port), "--request", request_file])
-        wait_answering(upstream + "/v1/models")
+        upstream = rig.start_upstream(a, procs)
         daemon, base, token, why = rig.start_llmproxy(a, procs, "llmproxy", upstream, 1, "")
         if token is None:
             print(f"llmproxy not measured: {why}", file=sys.stderr)

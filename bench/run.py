@@ -295,6 +295,23 @@ def providers_yaml(upstream: str) -> str:
     )
 
 
+def start_upstream(a: argparse.Namespace, procs: Processes, cpu: str = "") -> str:
+    """
+    Start the fake upstream (C{upstream.py}, primed with the benchmark's
+    request) and wait until it answers; returns its base URL.
+    """
+    port = free_port()
+    request_file = os.path.join(procs.workdir, "request.json")
+    with open(request_file, "wb") as f:
+        f.write(json.dumps(CHAT).encode())
+    script = os.path.join(HERE, "upstream.py")
+    argv = [a.python, script, "--port", str(port), "--request", request_file]
+    proc = procs.start("upstream", argv, cpu=cpu)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/v1/models", proc, "upstream", procs)
+    return url
+
+
 def start_llmproxy(
     a: argparse.Namespace, procs: Processes, name: str, upstream: str, workers: int, cpu: str
 ) -> tuple[subprocess.Popen[bytes], str, str | None, str | None]:
@@ -1276,24 +1293,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.loadgen_cpu:
         os.sched_setaffinity(0, {int(a.loadgen_cpu)})
     try:
-        up_port = free_port()
-        upstream = f"http://127.0.0.1:{up_port}"
-        request_file = os.path.join(workdir, "request.json")
-        with open(request_file, "wb") as f:
-            f.write(json.dumps(CHAT).encode())
-        up = procs.start(
-            "upstream",
-            [
-                a.python,
-                os.path.join(HERE, "upstream.py"),
-                "--port",
-                str(up_port),
-                "--request",
-                request_file,
-            ],
-            cpu=a.loadgen_cpu,
-        )
-        wait_http(upstream + "/v1/models", up, "upstream", procs)
+        upstream = start_upstream(a, procs, a.loadgen_cpu)
+        up_port = int(upstream.rsplit(":", 1)[1])
         bl_port = free_port()
         bl = procs.start(
             "baseline",
