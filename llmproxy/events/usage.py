@@ -337,7 +337,7 @@ class SSEUsageTap:
             if content.endswith(_USAGE_NULL_LAST):
                 # The usage member the provider adds to every chunk once asked
                 # for the usage chunk; the client did not ask, so it goes.
-                line = content[: -len(_USAGE_NULL_LAST)] + b"}" + line[len(content) :]
+                line = _without_last_usage_null(line, content)
             self._event_started = True
             return line
         parsed = self._decode(content)
@@ -381,15 +381,16 @@ class SSEUsageTap:
         for content in deferred:
             self._decode(content)
 
-    def _parse(self, content: bytes) -> dict[str, Any] | None:
+    def _parse(self, content: bytes) -> None:
+        """A line that is only observed (the stream is not being filtered)."""
         content = content.rstrip(b"\r")
         if self._deferrable(content):
             self._defer(content)
-            return None
-        return self._decode(content)
+        else:
+            self._decode(content)
 
     def _decode(self, content: bytes) -> dict[str, Any] | None:
-        content = content.rstrip(b"\r")
+        """Parse one data line (without its line end) and take what it says."""
         if not content.startswith(b"data:"):
             return None
         payload = content[5:]
@@ -494,6 +495,16 @@ class SSEUsageTap:
             record.usage = _estimate_for(record, self.completion_text)
 
 
+def _without_last_usage_null(line: bytes, content: bytes) -> bytes:
+    """
+    C{line} without the C{"usage":null} that ends C{content} (the line
+    without its line end): the usual place (OpenAI), the last member of the
+    top-level object. Quotes inside strings are escaped, so a content ending
+    in it ends in that object's own key.
+    """
+    return content[: -len(_USAGE_NULL_LAST)] + b"}" + line[len(content) :]
+
+
 def _without_usage_null(line: bytes, parsed: dict[str, Any]) -> bytes:
     """
     Remove the top-level C{"usage":null} member from a data line, keeping
@@ -502,9 +513,7 @@ def _without_usage_null(line: bytes, parsed: dict[str, Any]) -> bytes:
     """
     content = line.rstrip(b"\r\n")
     if content.endswith(_USAGE_NULL_LAST):
-        # The usual place (OpenAI): the last member of the top-level object.
-        # Quotes inside strings are escaped, so this is that object's own key.
-        return content[: -len(_USAGE_NULL_LAST)] + b"}" + line[len(content) :]
+        return _without_last_usage_null(line, content)
     for match in reversed(list(_USAGE_NULL.finditer(line))):
         candidate = line[: match.start()] + line[match.end() :]
         payload = candidate.rstrip(b"\r\n")[5:]
