@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.loadgen_cpu:
         os.sched_setaffinity(0, {int(a.loadgen_cpu)})
     try:
-        upstream = rig.start_upstream(a, procs, a.loadgen_cpu)
-        up_port = int(upstream.rsplit(":", 1)[1])
+        upstream, up_port = rig.start_upstream(a, procs, a.loadgen_cpu)
         bl_port = rig.free_port()
         bl = procs.start(
             "baseline",

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     procs.start = start_wrapped  # type: ignore[method-assign]
     rig.wait_http = lambda url, proc, name, procs_: wait_answering(url)  # type: ignore[assignment]
     try:
-        upstream = rig.start_upstream(a, procs)
+        upstream, _port = rig.start_upstream(a, procs)
         daemon, base, token, why = rig.start_llmproxy(a, procs, "llmproxy", upstream, 1, "")
         if token is None:
             print(f"llmproxy not measured: {why}", file=sys.stderr)

@@ -295,10 +295,10 @@ def providers_yaml(upstream: str) -> str:
     )
 
 
-def start_upstream(a: argparse.Namespace, procs: Processes, cpu: str = "") -> str:
+def start_upstream(a: argparse.Namespace, procs: Processes, cpu: str = "") -> tuple[str, int]:
     """
     Start the fake upstream (C{upstream.py}, primed with the benchmark's
-    request) and wait until it answers; returns its base URL.
+    request) and wait until it answers; returns its base URL and port.
     """
     port = free_port()
     request_file = os.path.join(procs.workdir, "request.json")
@@ -309,7 +309,7 @@ def start_upstream(a: argparse.Namespace, procs: Processes, cpu: str = "") -> st
     proc = procs.start("upstream", argv, cpu=cpu)
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/v1/models", proc, "upstream", procs)
-    return url
+    return url, port
 
 
 def start_llmproxy(
@@ -1293,8 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.loadgen_cpu:
         os.sched_setaffinity(0, {int(a.loadgen_cpu)})
     try:
-        upstream = start_upstream(a, procs, a.loadgen_cpu)
-        up_port = int(upstream.rsplit(":", 1)[1])
+        upstream, up_port = start_upstream(a, procs, a.loadgen_cpu)
         bl_port = free_port()
         bl = procs.start(
             "baseline",
