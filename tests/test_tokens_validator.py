@@ -16,7 +16,7 @@ from llmproxy.store.memory import MemoryStore
 from llmproxy.store.records import Project, Token
 from llmproxy.tokens.format import generate_token, hash_token, obfuscate_token
 from llmproxy.tokens.usage import UsageFlusher
-from llmproxy.tokens.validator import Rejection, TokenValidator, extract_bearer
+from llmproxy.tokens.validator import REFRESH_DELAY, Rejection, TokenValidator, extract_bearer
 
 START = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC)
 
@@ -161,8 +161,11 @@ class ValidatorTests(SynchronousTestCase):
         self.validate(secret)
         self.set_token(token, is_active=False)  # changed behind our back
         self.clock.advance(self.validator.token_cache_ttl * 0.6)
-        # Past half its TTL the entry is still served, and read again meanwhile.
+        # Past half its TTL the entry is still served, and read again a little
+        # later, off the path of the request that used it.
         self.assertEqual(self.validate(secret).id, token.id)
+        self.assertEqual(self.store.token_reads, 1)
+        self.clock.advance(REFRESH_DELAY)
         self.assertEqual(self.store.token_reads, 2)
         self.assertEqual(self.rejected(secret).code, "token_inactive")
         self.assertEqual(self.store.token_reads, 2)
@@ -177,13 +180,15 @@ class ValidatorTests(SynchronousTestCase):
         self.clock.advance(3.0)  # past half of the 5 s project TTL
         for _ in range(3):
             self.successResultOf(defer.ensureDeferred(self.validator.check_project(t)))
+        self.clock.advance(REFRESH_DELAY)
+        self.successResultOf(defer.ensureDeferred(self.validator.check_project(t)))
         self.assertEqual(len(asked), 1)
         slow.errback(ConnectionError("database down"))
         del self.store.get_project
         # A failed refresh kept the entry; a later use tries again, and the change
         # is seen before the TTL runs out.
         self.store.projects[self.project.id] = attrs.evolve(self.project, is_active=False)
-        self.clock.advance(1.9)
+        self.clock.advance(1.8)
         self.successResultOf(defer.ensureDeferred(self.validator.check_project(t)))
         self.clock.advance(0.1)
         f = self.failureResultOf(defer.ensureDeferred(self.validator.check_project(t)), Rejection)

@@ -29,6 +29,10 @@ log = Logger()
 
 #: Fraction of a cache entry's TTL after which its use triggers a background refresh.
 REFRESH_AHEAD = 0.5
+#: Seconds between the use that triggers a background refresh and its store
+#: read: the read runs in the database thread pool, and started at once it
+#: would compete for the interpreter with the request that triggered it.
+REFRESH_DELAY = 0.1
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -279,9 +283,10 @@ class TokenValidator:
     def _cached(self, cache: TTLCache[str, Any], kind: str, key: str, max_age: float) -> Any:
         """
         A cached entry; once it is past L{REFRESH_AHEAD} of its TTL it is
-        still served, and read again from the store in the background, so a
-        steadily used token or project never makes a request wait for the
-        store (the TTL still bounds how stale an answer can be).
+        still served, and read again from the store in the background
+        (L{REFRESH_DELAY} later), so a steadily used token or project never
+        makes a request wait for the store (the TTL still bounds how stale an
+        answer can be).
         """
         entry = cache.get_entry(key, max_age)
         if entry is None:
@@ -289,8 +294,14 @@ class TokenValidator:
         age, value = entry
         if age >= max_age * REFRESH_AHEAD and (kind, key) not in self._refreshing:
             self._refreshing.add((kind, key))
-            defer.ensureDeferred(self._refresh(cache, kind, key))
+            # Later, off the path of the request that is using the entry now;
+            # before the entry expires whenever its TTL leaves time for that.
+            delay = min(REFRESH_DELAY, (max_age - age) / 2)
+            self.clock.callLater(delay, self._start_refresh, cache, kind, key)
         return value
+
+    def _start_refresh(self, cache: TTLCache[str, Any], kind: str, key: str) -> None:
+        defer.ensureDeferred(self._refresh(cache, kind, key))
 
     async def _refresh(self, cache: TTLCache[str, Any], kind: str, key: str) -> None:
         generation = self._generation
