@@ -513,9 +513,15 @@ def phase_load(rig: Rig) -> dict[str, Any]:
 
 
 def py_spy() -> str | None:
+    """py-spy on the PATH, beside this Python (a virtualenv not activated) or in ~/.local."""
     found = shutil.which("py-spy")
-    local = os.path.expanduser("~/.local/bin/py-spy")
-    return found or (local if os.access(local, os.X_OK) else None)
+    for candidate in (
+        os.path.join(os.path.dirname(sys.executable), "py-spy"),
+        os.path.expanduser("~/.local/bin/py-spy"),
+    ):
+        if found is None and os.access(candidate, os.X_OK):
+            found = candidate
+    return found
 
 
 def phase_profile(rig: Rig) -> dict[str, Any]:
