@@ -28,13 +28,13 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     FileBodyProducer,
     ResponseDone,
 )
 from twisted.web.error import SchemeNotSupported
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import Interface, implementer
 
@@ -274,7 +274,7 @@ class BodyRelay(Protocol):
             self.done.callback(CLIENT_ABORTED)
             return
         self.request.unregisterProducer()
-        if not self._timed_out and reason.check(ResponseDone, http.PotentialDataLoss):
+        if not self._timed_out and reason.check(ResponseDone, PotentialDataLoss):
             if self.body_filter is not None:
                 try:
                     tail = self.body_filter.flush()

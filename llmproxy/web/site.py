@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
@@ -317,7 +318,7 @@ class LLMProxyChannel(http.HTTPChannel):
         As Twisted's, but as one C{bytes} written once: Twisted's hands the
         transport some sixty small pieces, each checked on its own.
         """
-        if not isinstance(headers, http.Headers):
+        if not isinstance(headers, Headers):
             super().writeHeaders(version, code, reason, headers)
             return
         lines = b"".join(
