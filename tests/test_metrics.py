@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from treq.testing import StubTreq
@@ -295,3 +296,48 @@ class FastHistogramTests(SynchronousTestCase):
             if "_created" not in line  # the creation time is not kept
         ]
         self.assertEqual(generate_latest(fast).decode().splitlines(), expected)
+
+
+class FastCounterTests(SynchronousTestCase):
+    def test_exposed_exactly_as_prometheus_client_exposes_a_counter(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+        from llmproxy.metrics import FastCounter
+
+        stock, fast = CollectorRegistry(), CollectorRegistry()
+        labelled = (
+            Counter("x_requests", "doc", ["provider", "status_class"], registry=stock),
+            FastCounter("x_requests", "doc", ["provider", "status_class"], registry=fast),
+        )
+        plain = (
+            Counter("y_hits_total", "doc", registry=stock),
+            FastCounter("y_hits_total", "doc", registry=fast),
+        )
+        unused = (
+            Counter("z_lookups", "doc", ["result"], registry=stock),
+            FastCounter("z_lookups", "doc", ["result"], registry=fast),
+        )
+        for labels, amount in ((("openai", "2xx"), 1), (("openai", "5xx"), 2.5), (("x", "2xx"), 1)):
+            for c in labelled:
+                c.labels(*labels).inc(amount)
+        for c in plain:
+            c.inc()
+            c.inc(3)
+            self.assertRaises(ValueError, c.inc, -1)
+        self.assertRaises(ValueError, unused[1].labels, "hit", "extra")
+
+        def lines(registry: CollectorRegistry) -> list[str]:
+            # the creation times differ by the microseconds between the two
+            return [
+                line.rsplit(" ", 1)[0] if "_created" in line else line
+                for line in generate_latest(registry).decode().splitlines()
+            ]
+
+        self.assertEqual(lines(fast), lines(stock))
+        created = [
+            float(line.rsplit(" ", 1)[1])
+            for line in generate_latest(fast).decode().splitlines()
+            if line.startswith("y_hits_created")
+        ]
+        self.assertEqual(len(created), 1)
+        self.assertLess(abs(created[0] - time.time()), 60)
