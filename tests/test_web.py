@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -178,6 +179,34 @@ class SiteTests(SynchronousTestCase):
         self.assertEqual(
             (line["method"], line["path"], line["status_code"]), ("POST", "/v1/x", 200)
         )
+
+    def test_bodies_in_memory_up_to_100_000_bytes_then_in_a_file(self) -> None:
+        seen: list[tuple[bool, bytes]] = []
+
+        class Capture(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                content = request.content
+                content.seek(0)
+                seen.append((isinstance(content, io.BytesIO), content.read()))
+                return b"ok"
+
+        site = LLMProxySite(
+            Root(WebApp(clock=Clock()).resource(), Capture()),
+            clock=Clock(),
+            max_request_size=1_000_000,
+        )
+        big = b"x" * 100_000
+        for head, body in (
+            (b"Content-Length: 99999", big[:-1]),
+            (b"Content-Length: 100000", big),
+            (b"Transfer-Encoding: chunked", b"3\r\nabc\r\n0\r\n\r\n"),
+        ):
+            channel, transport = self.connect(site)
+            channel.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n" + body)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        self.assertEqual(seen, [(True, big[:-1]), (False, big), (False, b"abc")])
 
     def test_access_log_has_no_query_string(self) -> None:
         site, stream = self.make_site(10)
