@@ -3,7 +3,8 @@ Instructions per proxied request, counted by valgrind's callgrind.
 
 Timing a proxy on a shared or virtual machine moves by 5-10 % from run to
 run; counting the instructions its process executes for a fixed number of
-requests does not (the same count to the last thousand on repeated runs).
+requests moves far less (to the last thousand on a steady machine, within
+about 1.5 % on a busier one: compare medians of a few runs).
 That makes this the tool for comparing two versions of the hot path:
 run it on each and compare the counts. It counts user-space instructions
 only, so a change that saves system calls (fewer epoll registrations, for
