@@ -51,33 +51,28 @@ OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class _ReactorMetric:
     """
     A labelled metric updated from the reactor thread only: its children are
-    plain objects without locks, and the registry reads them through
-    L{collect}, in the same families C{prometheus_client}'s own metrics
-    produce. Subclasses say which family (L{_family}) and make the children.
+    plain objects without locks, made by C{new_child}, and the registry
+    reads them through the subclass's C{collect}, in the same C{family}
+    C{prometheus_client}'s own metrics produce. Subclasses register
+    themselves once they can be collected.
     """
-
-    _family: Any
 
     def __init__(
         self,
+        family: Callable[..., Any],
         name: str,
         documentation: str,
         labelnames: Iterable[str],
-        registry: CollectorRegistry,
+        new_child: Callable[[], Any],
     ) -> None:
+        self._family = family
         self._name = name
         self._documentation = documentation
         self._labelnames = tuple(labelnames)
+        self._new_child = new_child
         self._children: dict[tuple[str, ...], Any] = {}
         if not self._labelnames:
             self._default = self.labels()
-        registry.register(self)
-
-    def _new_child(self) -> Any:
-        raise NotImplementedError
-
-    def collect(self) -> Iterable[Any]:
-        raise NotImplementedError
 
     def labels(self, *values: str) -> Any:
         child = self._children.get(values)
@@ -87,8 +82,11 @@ class _ReactorMetric:
             child = self._children[values] = self._new_child()
         return child
 
+    def _empty_family(self) -> Any:
+        return self._family(self._name, self._documentation, labels=self._labelnames)
+
     def describe(self) -> list[Any]:
-        return [self._family(self._name, self._documentation, labels=self._labelnames)]
+        return [self._empty_family()]
 
 
 class FastHistogram(_ReactorMetric):
@@ -98,8 +96,6 @@ class FastHistogram(_ReactorMetric):
     float updates: C{prometheus_client}'s take a lock per counter and cost
     three observations per request a few per cent of the proxy's CPU.
     """
-
-    _family = HistogramMetricFamily
 
     def __init__(
         self,
@@ -114,16 +110,20 @@ class FastHistogram(_ReactorMetric):
         if upper[-1] != float("inf"):
             upper.append(float("inf"))
         self._upper = upper
-        super().__init__(name, documentation, labelnames, registry)
-
-    def _new_child(self) -> _HistogramChild:
-        return _HistogramChild(self._upper)
+        super().__init__(
+            HistogramMetricFamily,
+            name,
+            documentation,
+            labelnames,
+            lambda: _HistogramChild(upper),
+        )
+        registry.register(self)
 
     def observe(self, value: float) -> None:
         self._default.observe(value)
 
     def collect(self) -> Iterable[Any]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._empty_family()
         for values, child in self._children.items():
             running = 0.0
             buckets = []
@@ -155,8 +155,6 @@ class FastCounter(_ReactorMetric):
     three per request.
     """
 
-    _family = CounterMetricFamily
-
     def __init__(
         self,
         name: str,
@@ -165,16 +163,15 @@ class FastCounter(_ReactorMetric):
         *,
         registry: CollectorRegistry,
     ) -> None:
-        super().__init__(name.removesuffix("_total"), documentation, labelnames, registry)
-
-    def _new_child(self) -> _CounterChild:
-        return _CounterChild()
+        name = name.removesuffix("_total")
+        super().__init__(CounterMetricFamily, name, documentation, labelnames, _CounterChild)
+        registry.register(self)
 
     def inc(self, amount: float = 1.0) -> None:
         self._default.inc(amount)
 
     def collect(self) -> Iterable[Any]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._empty_family()
         for values, child in self._children.items():
             family.add_metric(list(values), child.value, created=child.created)
         yield family

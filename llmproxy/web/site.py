@@ -373,7 +373,7 @@ class LLMProxySite(Site):
 
     def getContentFile(self, length: int | None) -> IO[bytes]:
         """
-        Where a request's body goes: memory up to L{BODY_IN_MEMORY} bytes,
+        Where a request's body goes: memory below L{BODY_IN_MEMORY} bytes,
         else a temporary file (Twisted's own choice). Defined here because
         Twisted's request looks this method up on the site and, without it,
         pays for a caught C{AttributeError} on every request.
