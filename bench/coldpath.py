@@ -7,7 +7,8 @@ proxy's own part of it. It starts the benchmark's upstream, llmproxy and the
 stock-Twisted baseline (pinned as ``bench/run.py`` pins them), each proxy
 with a ``sitecustomize`` that timestamps every socket read and write of the
 reactor (``tcp.Connection.doRead`` and ``writeSomeData``) and, in llmproxy,
-entry and exit of a few functions on the answer's path. Then it sends
+entry and exit of a few functions on the request's and the answer's path.
+Then it sends
 paced streams (1 content event, 50 ms pacing) to each proxy in turn, one
 every ``--gap`` seconds, each on a fresh connection, and prints the median
 over the streams, in microseconds:
@@ -16,7 +17,8 @@ over the streams, in microseconds:
   upstream (for the baseline this includes connecting to the upstream);
 * *upstream*: from that write to the read of the upstream's answer;
 * *answer*: from that read to the write of the first bytes to the client;
-* for llmproxy, where in *answer* each instrumented function starts and ends.
+* for llmproxy, where in *request* and in *answer* each instrumented
+  function starts and ends.
 
 The timestamps cost a microsecond or two each, the same for both proxies.
 A pause between streams (``--gap``, 0.3 s; at least 0.2 s, so that the
@@ -43,8 +45,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import loadgen
 import run as rig
 
-#: Functions timed in llmproxy (module, class or None, function, mark).
-MARKS = [
+#: Functions timed in llmproxy (module, class or None, function, mark), on
+#: the request's side (from the read of the client's request to the write
+#: upstream) and on the answer's (from the read of the upstream's answer to
+#: the first write to the client).
+REQUEST_MARKS = [
+    ("twisted.web.http", "HTTPChannel", "allHeadersReceived", "parse the request head"),
+    ("llmproxy.web.site", "LLMProxyRequest", "process", "process the request"),
+    ("llmproxy.proxy.resource", "ProxyResource", "_new_record", "  make the record"),
+    ("llmproxy.proxy.resource", "ProxyResource", "_proxy_now", "  checks (token, project, cache)"),
+    ("llmproxy.proxy.resource", "ProxyResource", "_exchange", "    start the exchange"),
+    ("llmproxy.proxy.resource", None, "upstream_request_headers", "      upstream headers"),
+    ("llmproxy.proxy.client", "UpstreamPool", "request", "      hand it to the pool"),
+    ("llmproxy.eagerwrite", "_Flusher", "flush", "end-of-turn flush"),
+]
+ANSWER_MARKS = [
     ("llmproxy.proxy.client", "UpstreamConnection", "_parse_head", "parse the upstream head"),
     ("llmproxy.proxy.resource", "ProxyResource", "_answered", "answer the headers"),
     ("llmproxy.proxy.resource", None, "copy_response_headers", "  copy the headers"),
@@ -56,6 +71,7 @@ MARKS = [
     ("llmproxy.proxy.forward", "BodyRelay", "_relay", "  write it to the client"),
     ("llmproxy.web.site", "LLMProxyChannel", "writeHeaders", "    write the head"),
 ]
+MARKS = REQUEST_MARKS + ANSWER_MARKS
 
 SITECUSTOMIZE = r"""
 import os, sys, threading, time
@@ -142,9 +158,10 @@ def segments(rows: list[tuple[int, str]], quiet_ns: int) -> list[dict[str, float
                 "upstream": (t2 - t1) / 1e3,
                 "answer": (t3 - t2) / 1e3,
             }
-            for tt, k in rows[r2:w2]:
-                if k.startswith("M") and k not in seg:
-                    seg[k] = (tt - t2) / 1e3
+            for lo, hi, t_from in ((i, r2, t0), (r2, w2, t2)):
+                for tt, k in rows[lo:hi]:
+                    if k.startswith("M") and k not in seg:
+                        seg[k] = (tt - t_from) / 1e3
             found.append(seg)
             i = w2
         last = rows[i][0]
@@ -231,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':34} {'llmproxy':>9} {'baseline':>9}")
         for k in ("request", "upstream", "answer"):
             print(f"{k:34} {report['llmproxy'][k]:9.0f} {report['baseline'][k]:9.0f}")
-        print("in llmproxy's answer, from the read of the upstream's answer (start / end):")
-        for index, (_m, _c, _n, label) in enumerate(MARKS):
-            start, end = report["llmproxy"].get(f"M{index}>"), report["llmproxy"].get(f"M{index}<")
-            if start is not None and end is not None:
-                print(f"  {label:32} {start:7.0f} {end:7.0f}")
+        for side, marks, offset in (
+            ("request, from the read of the client's request", REQUEST_MARKS, 0),
+            ("answer, from the read of the upstream's answer", ANSWER_MARKS, len(REQUEST_MARKS)),
+        ):
+            print(f"in llmproxy's {side} (start / end):")
+            for index, (_m, _c, _n, label) in enumerate(marks, offset):
+                start = report["llmproxy"].get(f"M{index}>")
+                end = report["llmproxy"].get(f"M{index}<")
+                if start is not None and end is not None:
+                    print(f"  {label:32} {start:7.0f} {end:7.0f}")
         return 0
     finally:
         procs.stop_all()
