@@ -6,6 +6,7 @@ The streaming proxy against a real in-process fake upstream, over real TCP
 from __future__ import annotations
 
 import datetime
+import gc
 import io
 import json
 import uuid
@@ -39,7 +40,7 @@ from llmproxy.tokens.usage import UsageFlusher
 from llmproxy.tokens.validator import TokenValidator
 from llmproxy.web.app import WebApp
 from llmproxy.web.root import Root
-from llmproxy.web.site import LLMProxySite
+from llmproxy.web.site import LLMProxyRequest, LLMProxySite
 from tests.support import BodyCollector
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
@@ -683,6 +684,27 @@ class AuthTests(TestCase):
             self.agent, self.url, token=token, body=chat(), headers=headers, **kw
         )
         return response.code, json.loads(body), response
+
+    async def test_refused_requests_are_not_kept(self) -> None:
+        """
+        Nothing of a refused request outlives it: each refusal is a new
+        exception, so the tracebacks (and with them the frames and the
+        requests) of earlier refusals are not chained onto a shared one.
+        """
+
+        def alive() -> int:
+            gc.collect()
+            return sum(isinstance(o, LLMProxyRequest) for o in gc.get_objects())
+
+        refusals = [{}, {b"authorization": [b"Basic bXQ="]}, {b"authorization": [b"sk-x"]}]
+        for headers in refusals:
+            await self.post(None, headers=headers)
+        before = alive()
+        for _ in range(5):
+            for headers in refusals:
+                status, body, _response = await self.post(None, headers=headers)
+                self.assertEqual((status, body["code"]), (401, "invalid_token"))
+        self.assertEqual(alive(), before)
 
     async def test_missing_authorization(self) -> None:
         status, body, response = await self.post(None)

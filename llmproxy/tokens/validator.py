@@ -118,7 +118,13 @@ def _invalid(description: str) -> Rejection:
     return Rejection(401, "Invalid token", "invalid_token", description)
 
 
-MISSING_TOKEN = _invalid("missing or invalid authorization header")
+# A new exception for every refusal: raising one instance again and again
+# would chain every raise's traceback onto it, and with them the frames
+# (and the requests) of every refused request.
+
+
+def _missing_token() -> Rejection:
+    return _invalid("missing or invalid authorization header")
 
 
 def extract_bearer(authorization: bytes | None) -> str:
@@ -127,10 +133,10 @@ def extract_bearer(authorization: bytes | None) -> str:
     case-insensitively and the rest trimmed. Raises L{Rejection}.
     """
     if not authorization:
-        raise MISSING_TOKEN
+        raise _missing_token()
     scheme, sep, rest = authorization.partition(b" ")
     if not sep or scheme.lower() != b"bearer":
-        raise MISSING_TOKEN
+        raise _missing_token()
     return rest.strip().decode("utf-8", "replace")
 
 
