@@ -16,7 +16,13 @@ from llmproxy.store.memory import MemoryStore
 from llmproxy.store.records import Project, Token
 from llmproxy.tokens.format import generate_token, hash_token, obfuscate_token
 from llmproxy.tokens.usage import UsageFlusher
-from llmproxy.tokens.validator import REFRESH_DELAY, Rejection, TokenValidator, extract_bearer
+from llmproxy.tokens.validator import (
+    NOT_FOUND_TTL,
+    REFRESH_DELAY,
+    Rejection,
+    TokenValidator,
+    extract_bearer,
+)
 
 START = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=datetime.UTC)
 
@@ -112,6 +118,89 @@ class ValidatorTests(SynchronousTestCase):
     def test_unknown_token(self) -> None:
         r = self.rejected(generate_token())
         self.assertEqual((r.status, r.error, r.code), (401, "Token not found", "token_not_found"))
+
+    def test_unknown_token_is_remembered(self) -> None:
+        """
+        A token the store does not know is refused from the cache for a
+        while (capped by the token cache's TTL), in a cache of its own.
+        """
+        unknown = generate_token()
+        for _ in range(3):
+            self.assertEqual(self.rejected(unknown).code, "token_not_found")
+        self.assertEqual(self.store.token_reads, 1)
+        self.assertEqual(self.validator.not_found_ttl, NOT_FOUND_TTL)
+        self.clock.advance(NOT_FOUND_TTL)
+        self.assertEqual(self.rejected(unknown).code, "token_not_found")
+        self.assertEqual(self.store.token_reads, 2)
+        # Made-up tokens do not push real ones out of the token cache.
+        secret, _ = self.add_token()
+        self.validate(secret)
+        for _ in range(self.validator._tokens.max_entries + 1):
+            self.rejected(generate_token())
+        reads = self.store.token_reads
+        self.validate(secret)
+        self.assertEqual(self.store.token_reads, reads)
+
+    def test_unknown_token_forgotten_on_announcement(self) -> None:
+        secret = generate_token()
+        self.assertEqual(self.rejected(secret).code, "token_not_found")
+        # Only a token written to the store some other way than the management
+        # API could appear after it was presented; an announcement covers it.
+        _, token = self.add_token(token_hash=hash_token(secret))
+        self.hub.token_changed(token.token_hash)
+        self.assertEqual(self.validate(secret).id, token.id)
+
+    def test_unknown_token_not_remembered_without_a_token_cache(self) -> None:
+        validator = TokenValidator(self.store, self.clock, token_cache_ttl=0.0)
+        secret = generate_token()
+        for _ in range(2):
+            d = defer.ensureDeferred(validator.validate(secret, count=False))
+            self.assertEqual(self.failureResultOf(d, Rejection).value.code, "token_not_found")
+        self.assertEqual(self.store.token_reads, 2)
+
+    def test_concurrent_lookups_share_one_read(self) -> None:
+        secret, token = self.add_token()
+        unknown = generate_token()
+        reads: dict[str, defer.Deferred[Token | None]] = {}
+
+        def read(token_hash: str) -> defer.Deferred[Token | None]:
+            self.assertNotIn(token_hash, reads)
+            reads[token_hash] = defer.Deferred()
+            return reads[token_hash]
+
+        self.store.get_token_by_hash = read  # type: ignore[method-assign]
+        known = [defer.ensureDeferred(self.validator.validate(secret)) for _ in range(3)]
+        missing = [defer.ensureDeferred(self.validator.validate(unknown)) for _ in range(3)]
+        # A client that leaves does not stop the read for the others.
+        known[0].cancel()
+        self.failureResultOf(known[0], defer.CancelledError)
+        self.assertEqual(len(reads), 2)
+        reads[token.token_hash].callback(token)
+        reads[hash_token(unknown)].callback(None)
+        for d in known[1:]:
+            self.assertEqual(self.successResultOf(d).id, token.id)
+        for d in missing:
+            self.assertEqual(self.failureResultOf(d, Rejection).value.code, "token_not_found")
+        # Both answers are cached: no further reads.
+        self.validate(secret)
+        self.rejected(unknown)
+        self.assertEqual(len(reads), 2)
+
+    def test_failed_shared_read_fails_every_waiter_and_is_not_cached(self) -> None:
+        secret, token = self.add_token()
+        slow: defer.Deferred[Token | None] = defer.Deferred()
+        original = self.store.get_token_by_hash
+        self.store.get_token_by_hash = lambda h: slow  # type: ignore[method-assign]
+        waiting = [defer.ensureDeferred(self.validator.validate(secret)) for _ in range(2)]
+        slow.errback(ConnectionError("database down"))
+        for d in waiting:
+            f = self.failureResultOf(d, Rejection)
+            self.assertEqual(
+                (f.value.code, f.value.description), ("invalid_token", "failed to retrieve token")
+            )
+        self.flushLoggedErrors(ConnectionError)
+        self.store.get_token_by_hash = original  # type: ignore[method-assign]
+        self.assertEqual(self.validate(secret).id, token.id)
 
     def test_store_error_is_invalid_token(self) -> None:
         secret, _ = self.add_token()

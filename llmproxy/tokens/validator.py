@@ -18,6 +18,7 @@ import attrs
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from llmproxy.invalidation import InvalidationHub
 from llmproxy.store.interface import IStore
@@ -33,6 +34,11 @@ REFRESH_AHEAD = 0.5
 #: read: the read runs in the database thread pool, and started at once it
 #: would compete for the interpreter with the request that triggered it.
 REFRESH_DELAY = 0.1
+#: Longest time (seconds, capped by the token cache's TTL) a token the store
+#: does not know is answered 401 without asking the store again. Tokens are
+#: random secrets made by the store's writer, so none can be presented
+#: before it exists: caching their absence never refuses a real token.
+NOT_FOUND_TTL = 30.0
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -127,6 +133,10 @@ def _missing_token() -> Rejection:
     return _invalid("missing or invalid authorization header")
 
 
+def _not_found() -> Rejection:
+    return Rejection(401, "Token not found", "token_not_found")
+
+
 def extract_bearer(authorization: bytes | None) -> str:
     """
     The token from C{Authorization: Bearer <token>}; the scheme is matched
@@ -167,6 +177,12 @@ class TokenValidator:
         self.project_cache_ttl = project_cache_ttl
         self.api_key_cache_ttl = api_key_cache_ttl
         self._tokens: TTLCache[str, Token] = TTLCache(clock, token_cache_max)
+        #: Hashes the store did not know, apart from the tokens so that a
+        #: flood of made-up tokens cannot push real ones out of their cache.
+        self._unknown: TTLCache[str, bool] = TTLCache(clock, token_cache_max)
+        self.not_found_ttl = min(token_cache_ttl, NOT_FOUND_TTL)
+        #: Per token hash being read from the store: the requests waiting for it.
+        self._token_reads: dict[str, list[defer.Deferred[Token | None]]] = {}
         self._projects: TTLCache[str, Project] = TTLCache(clock, project_cache_max)
         #: Bumped by every invalidation, so a lookup that started before a
         #: change never caches what it read.
@@ -214,11 +230,13 @@ class TokenValidator:
         self._generation += 1
         if kind == "token":
             self._tokens.pop(key)
+            self._unknown.pop(key)
         elif kind == "project":
             self._projects.pop(key)
             self._tokens.remove_where(lambda t: t.project_id == key)
         else:
             self._tokens.clear()
+            self._unknown.clear()
             self._projects.clear()
 
     # -- tokens ------------------------------------------------------------------------
@@ -234,23 +252,59 @@ class TokenValidator:
         token = self._cached(self._tokens, "token", token_hash, self.token_cache_ttl)
         if token is not None:
             self.validate_cached(token)
+        elif self._unknown.get(token_hash, self.not_found_ttl) is not None:
+            if self.metrics is not None:
+                self.metrics.token_cache_hit()
+            raise _not_found()
         else:
             if self.metrics is not None:
                 self.metrics.token_cache_miss()
-            generation = self._generation
             try:
-                token = await self.store.get_token_by_hash(token_hash)
+                token = await self._read_token(token_hash)
+            except defer.CancelledError:
+                raise  # the client went away: not a store failure
             except Exception as e:
                 log.failure("token lookup failed")
                 raise _invalid("failed to retrieve token") from e
             if token is None:
-                raise Rejection(401, "Token not found", "token_not_found")
-            if generation == self._generation:
-                self._tokens.put(token_hash, token)
+                raise _not_found()
             self._check_usable(token)
         if count:
             await self.count(token)
         return token
+
+    def _read_token(self, token_hash: str) -> defer.Deferred[Token | None]:
+        """
+        The store's record of a token (None if it has none), read once for
+        all the requests that ask for it while the read is under way, and
+        cached (an unknown token for at most L{not_found_ttl}) unless an
+        invalidation came in meanwhile.
+        """
+        mine: defer.Deferred[Token | None] = defer.Deferred()
+        waiting = self._token_reads.get(token_hash)
+        if waiting is not None:
+            waiting.append(mine)
+            return mine
+        self._token_reads[token_hash] = [mine]
+        generation = self._generation
+        read = defer.maybeDeferred(self.store.get_token_by_hash, token_hash)
+        read.addBoth(self._token_read, token_hash, generation)
+        return mine
+
+    def _token_read(self, result: Any, token_hash: str, generation: int) -> None:
+        waiting = self._token_reads.pop(token_hash, [])
+        if not isinstance(result, Failure) and generation == self._generation:
+            if result is None:
+                self._unknown.put(token_hash, True)
+            else:
+                self._tokens.put(token_hash, result)
+        for d in waiting:
+            if d.called:
+                continue  # cancelled: the client went away
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
 
     def cached_token(self, presented: str) -> Token | None:
         """
