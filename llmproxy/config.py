@@ -18,6 +18,8 @@ from typing import Any
 
 import attrs
 
+from llmproxy.web.clientip import parse_trusted_entry
+
 
 class ConfigError(Exception):
     """A configuration value is missing or invalid; the message names the variable."""
@@ -98,6 +100,13 @@ def parse_str(value: str) -> str:
 
 def parse_csv(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def parse_trusted_proxies(value: str) -> tuple[str, ...]:
+    entries = parse_csv(value)
+    for entry in entries:
+        parse_trusted_entry(entry)
+    return entries
 
 
 def _choice(*choices: str, aliases: Mapping[str, str] | None = None) -> Callable[[str], str]:
@@ -478,6 +487,17 @@ class Config:
         "Requests per window per client IP (0 = off).",
         group=LIMITS,
     )
+    trusted_proxies: tuple[str, ...] = _var(
+        "TRUSTED_PROXIES",
+        (),
+        parse_trusted_proxies,
+        "Comma-separated addresses and CIDR networks of the proxies in front of "
+        "llmproxy (``unix``: connections over a UNIX socket). When set, the client "
+        "address (``IP_RATE_LIMIT``, logs, audit) is what these proxies put in "
+        "``X-Forwarded-For``/``X-Real-IP``, and other peers' headers are ignored; "
+        "when empty, the first ``X-Forwarded-For`` entry is believed, whoever sent it.",
+        group=LIMITS,
+    )
     token_rate_limit: int = _var(
         "TOKEN_RATE_LIMIT",
         0,
@@ -830,7 +850,7 @@ def render_rst() -> str:
             if isinstance(default, bool):
                 shown = "true" if default else "false"
             elif isinstance(default, tuple):
-                shown = ",".join(default)
+                shown = ",".join(default) or "(empty)"
             elif default == "":
                 shown = "(empty)"
             else:

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from llmproxy.web.clientip import TrustedProxies
 from llmproxy.web.site import LLMProxySite
 
 log = Logger()
@@ -406,7 +407,13 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         clock=reactor,
         max_request_size=config.max_request_size,
         access_log=AccessLog.from_setting(config.access_log, config.log_format),
+        trusted_proxies=TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None,
     )
+    if config.ip_rate_limit and not config.trusted_proxies:
+        log.warn(
+            "IP_RATE_LIMIT counts per the first X-Forwarded-For entry, which any client"
+            " can set; list the proxies in front of llmproxy in TRUSTED_PROXIES"
+        )
     endpoint = endpoints.serverFromString(
         reactor, with_backlog(config.listen_addr, config.listen_backlog)
     )

@@ -89,6 +89,8 @@ class DaemonCase(TestCase):
     """A daemon in front of an in-process fake upstream, with three seeded tokens."""
 
     timeout = 120
+    #: Settings this case adds to the daemon's environment.
+    extra_env: dict[str, str] = {}
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.fake = FakeUpstream(clock=reactor)
@@ -111,6 +113,7 @@ class DaemonCase(TestCase):
             "ACCESS_LOG": "off",
             "AUDIT_LOG_FILE": os.path.join(self.workdir, "audit.log"),
             "USAGE_FLUSH_INTERVAL": "0.2",
+            **self.extra_env,
         }
         self.daemon: Daemon = await threads.deferToThread(start_daemon, self.workdir, env)
         self.addCleanup(self._stop)
@@ -321,6 +324,68 @@ class ManagementThenProxyTests(DaemonCase):
         self.assertTrue(out["first"])
         self.assertEqual(out["revoke"], 204)
         self.assertEqual(out["after"], {"error": "Token is inactive", "code": "token_inactive"})
+
+
+class _IPRateLimitCase(DaemonCase):
+    """Two requests per client address and minute (the test client is 127.0.0.1)."""
+
+    async def statuses(self, *forwarded_for: str) -> list[int]:
+        def get(xff: str) -> int:
+            request = urllib.request.Request(
+                self.daemon.url + "/v1/models",
+                headers={"Authorization": "Bearer " + self.token, "X-Forwarded-For": xff},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    r.read()
+                    return int(r.status)
+            except urllib.error.HTTPError as e:
+                e.read()
+                return int(e.code)
+
+        return [await self.in_thread(get, xff) for xff in forwarded_for]
+
+
+class TrustedProxyIPRateLimitTests(_IPRateLimitCase):
+    extra_env = {
+        "IP_RATE_LIMIT": "2",
+        "TRUSTED_PROXIES": "127.0.0.1, 10.0.0.0/8",
+        "DISTRIBUTED_RATE_LIMIT_WINDOW": "1h",  # no window ends mid-test
+    }
+
+    async def test_client_is_what_the_trusted_proxies_saw(self) -> None:
+        """
+        Behind trusted proxies the client is the nearest address they did
+        not add themselves: what a client writes in front of it changes
+        nothing, so it cannot pick a fresh counter.
+        """
+        statuses = await self.statuses(
+            "203.0.113.5",
+            "198.51.100.1, 203.0.113.5, 10.1.2.3",
+            "198.51.100.2, 203.0.113.5",
+            "203.0.113.6",
+        )
+        self.assertEqual(statuses, [200, 200, 429, 200])
+
+
+class UntrustedPeerIPRateLimitTests(_IPRateLimitCase):
+    extra_env = {
+        "IP_RATE_LIMIT": "2",
+        "TRUSTED_PROXIES": "10.0.0.0/8",
+        "DISTRIBUTED_RATE_LIMIT_WINDOW": "1h",
+    }
+
+    async def test_forwarding_headers_of_other_peers_are_ignored(self) -> None:
+        statuses = await self.statuses("203.0.113.5", "203.0.113.6", "203.0.113.7")
+        self.assertEqual(statuses, [200, 200, 429])
+        self.assertNotIn("TRUSTED_PROXIES", self.daemon.log())
+
+
+class UntrustedForwardingWarningTests(DaemonCase):
+    extra_env = {"IP_RATE_LIMIT": "100"}
+
+    async def test_warns_that_any_client_picks_its_address(self) -> None:
+        self.assertIn("list the proxies in front of llmproxy in TRUSTED_PROXIES", self.daemon.log())
 
 
 class TLSUpstreamDaemonTests(TestCase):

@@ -25,6 +25,7 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from llmproxy.eagerwrite import make_eager
+from llmproxy.web.clientip import TrustedProxies
 from llmproxy.web.headerstore import set_clean
 
 log = Logger()
@@ -37,7 +38,17 @@ BODY_IN_MEMORY = 100_000
 
 
 def client_ip(request: Request) -> str:
-    """First X-Forwarded-For entry, else X-Real-IP, else the peer address."""
+    """
+    The site's L{TrustedProxies} answer, when it has some (C{TRUSTED_PROXIES});
+    else the reference's rule: the first X-Forwarded-For entry, else
+    X-Real-IP, else the peer address.
+    """
+    site = getattr(request, "site", None) or getattr(
+        getattr(request, "channel", None), "site", None
+    )
+    trusted = getattr(site, "trusted_proxies", None)
+    if trusted is not None:
+        return trusted.client_of(request)  # type: ignore[no-any-return]
     xff = request.getHeader(b"x-forwarded-for")
     if xff:
         first = xff.split(b",", 1)[0].strip()
@@ -355,6 +366,7 @@ class LLMProxySite(Site):
         max_request_size: int,
         access_log: AccessLog | None = None,
         request_timeout: float = 60 * 60 * 12,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         # Never parse POST bodies as HTML forms: nothing here reads form
         # arguments, and Twisted's parse of Content-Type (through the email
@@ -366,6 +378,8 @@ class LLMProxySite(Site):
         self.clock = clock
         self.max_request_size = max_request_size
         self.access_log = access_log or AccessLog(None)
+        #: Whose forwarding headers L{client_ip} believes (None: everyone's).
+        self.trusted_proxies = trusted_proxies
         self._in_flight: set[Request] = set()
         self._channels: set[http.HTTPChannel] = set()
         self._idle_waiters: list[defer.Deferred[None]] = []
