@@ -240,6 +240,34 @@ class SiteTests(SynchronousTestCase):
             self.assertIn(b"\r\nDate: ", head)
             self.assertIn(b"\r\nServer: ", head)
 
+    def test_reason_phrases_twisted_lacks(self) -> None:
+        class Status(Resource):
+            isLeaf = True
+
+            def render(self, request: Any) -> bytes:
+                code, _, message = request.path.rsplit(b"/", 1)[1].partition(b"-")
+                request.setResponseCode(int(code), message or None)
+                return b"{}"
+
+        site = LLMProxySite(
+            Root(WebApp(clock=Clock()).resource(), Status()), clock=Clock(), max_request_size=10
+        )
+        lines = []
+        for path in (b"429", b"422", b"404", b"599", b"429-Slow%20Down"):
+            channel, transport = self.connect(site)
+            channel.dataReceived(b"GET /v1/" + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            lines.append(transport.value().split(b"\r\n", 1)[0])
+        self.assertEqual(
+            lines,
+            [
+                b"HTTP/1.1 429 Too Many Requests",
+                b"HTTP/1.1 422 Unprocessable Entity",
+                b"HTTP/1.1 404 Not Found",
+                b"HTTP/1.1 599 Unknown Status",
+                b"HTTP/1.1 429 Slow%20Down",
+            ],
+        )
+
     def test_drain_tracking(self) -> None:
         site, _ = self.make_site(1000)
         pending: defer.Deferred[None] = defer.Deferred()

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import IO, Any
 
 from twisted.internet import defer
@@ -116,6 +117,14 @@ def _json_str(text: str) -> str:
     return json.dumps(text)
 
 
+def _phrase(code: int) -> bytes | None:
+    """The standard reason phrase of C{code}, or None for a code without one."""
+    try:
+        return HTTPStatus(code).phrase.encode("ascii")
+    except ValueError:
+        return None
+
+
 class LLMProxyRequest(Request):
     """
     A request that refuses bodies above the site's size cap while they
@@ -158,6 +167,12 @@ class LLMProxyRequest(Request):
             self.render(proxy)
         except BaseException:
             self.processingFailed(Failure())
+
+    def setResponseCode(self, code: int, message: bytes | None = None) -> None:
+        # Twisted's table has no phrase for 429 and a few others ("Unknown Status").
+        if message is None and code not in http.RESPONSES:
+            message = _phrase(code)
+        super().setResponseCode(code, message)
 
     def finish(self) -> None:
         # The answer is complete: the callback is not needed any more, and
