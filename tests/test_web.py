@@ -240,6 +240,27 @@ class SiteTests(SynchronousTestCase):
             self.assertIn(b"\r\nDate: ", head)
             self.assertIn(b"\r\nServer: ", head)
 
+    def test_unparseable_requests_get_json_errors(self) -> None:
+        site, _ = self.make_site(10)
+        head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+        cases = [
+            (head + b"X-Big: " + b"a" * 17000 + b"\r\n\r\n", 431),
+            (head + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(17)) + b"\r\n", 431),
+            (head + b"".join(b"X-%d: v\r\n" % i for i in range(501)) + b"\r\n", 431),
+            (b"GET /v1/" + b"a" * 17000 + b" HTTP/1.1\r\n\r\n", 431),
+            (b"GARBAGE\r\n\r\n", 400),
+            (b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        ]
+        for request, status in cases:
+            channel, transport = self.connect(site)
+            channel.dataReceived(request)
+            head_out, _, body = transport.value().partition(b"\r\n\r\n")
+            self.assertTrue(head_out.startswith(b"HTTP/1.1 %d " % status), head_out)
+            self.assertIn(b"content-type: application/json", head_out.lower())
+            code = json.loads(body)["code"]
+            self.assertEqual(code, "bad_request" if status == 400 else "request_headers_too_large")
+            self.assertTrue(transport.disconnecting)
+
     def test_reason_phrases_twisted_lacks(self) -> None:
         class Status(Resource):
             isLeaf = True

@@ -320,6 +320,15 @@ class AccessLog:
 _CLOSED_CLEANLY = Failure(ConnectionDone())
 
 
+#: Bodies for requests the channel refuses before they are parsed.
+_UNPARSEABLE = {
+    400: b'{"error":"Bad request","code":"bad_request",'
+    b'"description":"the request is not valid HTTP/1.1"}',
+    431: b'{"error":"Request header fields too large","code":"request_headers_too_large",'
+    b'"description":"request line and headers are limited to 16384 bytes and 500 headers"}',
+}
+
+
 class LLMProxyChannel(http.HTTPChannel):
     """
     The HTTP/1.1 channel: tells its site when it closes, makes its transport
@@ -342,6 +351,29 @@ class LLMProxyChannel(http.HTTPChannel):
         if site is not None:
             site._channels.discard(self)
         super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request line or a header line over MAX_LENGTH (16 KiB); Twisted
+        # would close the connection without a word.
+        self._refuse(431)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer to a request it cannot parse is a bare 400.
+        too_large = (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        )
+        self._refuse(431 if too_large else 400)
+
+    def _refuse(self, status: int) -> None:
+        """Answer a request that never became one with a JSON error, and close."""
+        body = _UNPARSEABLE[status]
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, _phrase(status) or b"", len(body), body)
+        )
+        self.loseConnection()
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         """
