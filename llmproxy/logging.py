@@ -25,6 +25,8 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
+from llmproxy.reopen import ReopenableFile
+
 _LEVELS = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
@@ -92,8 +94,10 @@ class DemoteChatter:
         return PredicateResult.maybe
 
 
-def make_observer(level: str, fmt: str, stream: IO[str] | None = None) -> ILogObserver:
-    out = stream if stream is not None else sys.__stdout__
+def make_observer(
+    level: str, fmt: str, stream: IO[str] | ReopenableFile | None = None
+) -> ILogObserver:
+    out: Any = stream if stream is not None else sys.__stdout__
     assert out is not None
     base: ILogObserver = CompactJSONObserver(out) if fmt == "json" else textFileLogObserver(out)
     predicates: list[ILogFilterPredicate] = [
@@ -104,7 +108,8 @@ def make_observer(level: str, fmt: str, stream: IO[str] | None = None) -> ILogOb
     return FilteringLogObserver(base, predicates)
 
 
-def open_log_stream(path: str) -> IO[str] | None:
+def open_log_stream(path: str) -> ReopenableFile | None:
+    """C{LOG_FILE}, opened for appending (None: standard output)."""
     if not path or path == "-":
         return None
-    return open(path, "a", encoding="utf-8", buffering=1)
+    return ReopenableFile(path, "a", encoding="utf-8", buffering=1)

@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime, IStreamServerEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 
+from llmproxy.reopen import LogFiles, reopen_on_hup
 from llmproxy.web.clientip import TrustedProxies
 from llmproxy.web.site import LLMProxySite
 
@@ -237,9 +238,12 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     top = LLMProxyService()
     top.setName("llmproxy")
     install_stop_once(reactor)
-    top.log_observer = make_observer(
-        config.effective_log_level, config.log_format, open_log_stream(config.log_file)
-    )
+    log_files = LogFiles()  # reopened on SIGHUP
+    reopen_on_hup(reactor, log_files.reopen)
+    log_stream = open_log_stream(config.log_file)
+    if log_stream is not None:
+        log_files.add("LOG_FILE", log_stream.reopen)
+    top.log_observer = make_observer(config.effective_log_level, config.log_format, log_stream)
 
     web = WebApp(clock=reactor)
 
@@ -292,6 +296,8 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
 
     events = build_event_bus(config, reactor, metrics)
     events.service.setServiceParent(top)  # stops after the web drain: queued events go out
+    if events.service.file_log is not None:
+        log_files.add("FILE_EVENT_LOG", events.service.file_log.reopen)
     if events.ready_check is not None:  # Redis Streams: /ready reports an outage
         web.ready_checks.append((READY_CHECK_NAME, events.ready_check))
     # IRequestObserver: request_finished(record) -> event -> bus (never blocks the response)
@@ -313,6 +319,8 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         reactor=reactor,
     )
     audit.setServiceParent(top)  # stops after the web drain, before the store closes
+    if audit.file is not None:
+        log_files.add("AUDIT_LOG_FILE", audit.reopen)
     management = ManagementAPI(
         store,
         audit,
@@ -402,11 +410,14 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
     )
 
     # -- web -------------------------------------------------------------------
+    access_log = AccessLog.from_setting(config.access_log, config.log_format)
+    if access_log.to_file:
+        log_files.add("ACCESS_LOG", access_log.reopen)
     site = LLMProxySite(
         Root(web.resource(), proxy_resource),
         clock=reactor,
         max_request_size=config.max_request_size,
-        access_log=AccessLog.from_setting(config.access_log, config.log_format),
+        access_log=access_log,
         trusted_proxies=TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None,
     )
     if config.ip_rate_limit and not config.trusted_proxies:

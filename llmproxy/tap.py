@@ -125,10 +125,13 @@ def build_worker_pool(config: Config, options: Options, reactor: Any) -> IServic
     top.setName("llmproxy-workers")
     install_stop_once(reactor)
     from llmproxy.logging import make_observer, open_log_stream
+    from llmproxy.reopen import LogFiles, reopen_on_hup
 
-    top.log_observer = make_observer(
-        config.effective_log_level, config.log_format, open_log_stream(config.log_file)
-    )
+    log_files = LogFiles()
+    log_stream = open_log_stream(config.log_file)
+    if log_stream is not None:
+        log_files.add("LOG_FILE", log_stream.reopen)
+    top.log_observer = make_observer(config.effective_log_level, config.log_format, log_stream)
     pool = WorkerPoolService(
         reactor,
         reactor,
@@ -139,4 +142,7 @@ def build_worker_pool(config: Config, options: Options, reactor: Any) -> IServic
         stop_timeout=config.drain_timeout + 15.0,
     )
     pool.setServiceParent(top)
+    # SIGHUP: this process reopens its own log file and passes the signal on.
+    log_files.add("the workers' log files", lambda: pool.signal_workers("HUP"))
+    reopen_on_hup(reactor, log_files.reopen)
     return top

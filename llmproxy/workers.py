@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 
@@ -108,11 +109,14 @@ class WorkerPoolService(service.Service):
         env.update(self.worker_env)
         env["LLMPROXY_WORKER_INDEX"] = str(index)
         # LISTEN_PID must be the worker's own pid: set it in the shell that
-        # then execs the worker (exec keeps the pid).
+        # then execs the worker (exec keeps the pid). The worker starts with
+        # SIGHUP ignored (an ignored signal stays ignored across exec) until
+        # it installs its own handler, so a SIGHUP passed on while it starts
+        # cannot end it.
         argv = [
             "/bin/sh",
             "-c",
-            'export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http; exec "$0" "$@"',
+            'trap "" HUP; export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http; exec "$0" "$@"',
             sys.executable,
             "-c",
             "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
@@ -134,6 +138,14 @@ class WorkerPoolService(service.Service):
         )
         self._running[index] = (transport, proto)
         log.info("worker {index} started (pid {pid})", index=index, pid=transport.pid)
+
+    def signal_workers(self, name: str) -> None:
+        """Send every running worker the signal C{name} (C{"HUP"}, C{"TERM"})."""
+        for transport, _proto in list(self._running.values()):
+            try:
+                transport.signalProcess(name)
+            except ProcessExitedAlready:
+                pass
 
     def worker_ended(self, proto: _WorkerProtocol, code: int | None) -> None:
         self._running.pop(proto.index, None)

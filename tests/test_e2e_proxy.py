@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import threading
 import urllib.error
 import urllib.request
@@ -25,6 +26,7 @@ from llmproxy.store.sql import make_store
 from llmproxy.testing.daemon import Daemon, start_daemon
 from llmproxy.testing.fake_upstream import FakeUpstream
 from llmproxy.tokens.format import generate_token, hash_token, obfuscate_token
+from tests.support import poll
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 _VOLATILE = ("id", "created", "system_fingerprint")
@@ -386,6 +388,67 @@ class UntrustedForwardingWarningTests(DaemonCase):
 
     async def test_warns_that_any_client_picks_its_address(self) -> None:
         self.assertIn("list the proxies in front of llmproxy in TRUSTED_PROXIES", self.daemon.log())
+
+
+class LogRotationTests(DaemonCase):
+    """logrotate moves the files away and sends SIGHUP: nothing stops, nothing is lost."""
+
+    def setUp(self) -> Any:
+        logs = os.path.abspath(self.mktemp())
+        os.makedirs(logs)
+        self.logs = {
+            "LOG_FILE": os.path.join(logs, "llmproxy.log"),
+            "ACCESS_LOG": os.path.join(logs, "access.log"),
+            "FILE_EVENT_LOG": os.path.join(logs, "events.jsonl"),
+        }
+        self.extra_env = {**self.logs, "LOG_LEVEL": "info"}
+        return super().setUp()
+
+    async def test_sighup_reopens_every_log_file(self) -> None:
+        files = [*self.logs.values(), os.path.join(self.workdir, "audit.log")]
+
+        def chat_and_refusal() -> None:
+            with self.sdk(self.daemon.url, self.token) as client:
+                client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+                )
+            try:  # a refused token: one audit event
+                with self.sdk(self.daemon.url, "sk-" + "B" * 22) as client:
+                    client.models.list()
+            except Exception:
+                pass
+
+        def written(suffix: str = "") -> bool:
+            return all(
+                os.path.exists(f + suffix) and os.path.getsize(f + suffix) > 0 for f in files
+            )
+
+        def reopened() -> bool:
+            with open(self.logs["LOG_FILE"], encoding="utf-8") as f:
+                return "SIGHUP: reopened 4 log file(s)" in f.read()
+
+        await self.in_thread(chat_and_refusal)
+        self.assertTrue((await self.in_thread(poll, written, 10.0))[0])
+        for path in files:
+            os.rename(path, path + ".1")
+        self.daemon.process.send_signal(signal.SIGHUP)
+        self.assertTrue((await self.in_thread(poll, reopened, 10.0))[0])
+        await self.in_thread(chat_and_refusal)
+        self.assertTrue((await self.in_thread(poll, written, 10.0))[0])
+        status = await threads.deferToThread(self.daemon.terminate)
+        self.assertEqual(status, 0, self.daemon.log())
+        for path in files:
+            with open(path + ".1", encoding="utf-8") as old, open(path, encoding="utf-8") as new:
+                before, after = old.read().splitlines(), new.read().splitlines()
+            if path == self.logs["LOG_FILE"]:
+                self.assertTrue(before and after)
+            else:  # the same requests before and after: as many lines in each file
+                before = [line for line in before if '"GET /health"' not in line]
+                self.assertEqual(len(before), len(after), path)
+                self.assertTrue(before, path)
+
+    async def _stop(self) -> None:
+        self.daemon.kill()  # the test stops it
 
 
 class TLSUpstreamDaemonTests(TestCase):

@@ -98,6 +98,20 @@ class WorkersEndToEndTests(SynchronousTestCase):
         with urllib.request.urlopen(daemon.url + "/health", timeout=5) as r:
             self.assertEqual(r.status, 200)
 
+        # SIGHUP (logrotate) reaches the workers, which reopen their files and
+        # go on (once the new worker is up: one still starting ignores it).
+        deadline = time.monotonic() + 20
+        while daemon.log().count("LLMProxySite starting on") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while daemon.log().count("SIGHUP: reopened") < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertEqual(daemon.log().count("SIGHUP: reopened"), 3, daemon.log())
+        self.assertEqual(worker_pids(daemon.process.pid), now)
+        with urllib.request.urlopen(daemon.url + "/health", timeout=5) as r:
+            self.assertEqual(r.status, 200)
+
         self.assertEqual(daemon.terminate(), 0, daemon.log())
         self.assertEqual(worker_pids(daemon.process.pid), [])
         self.assertNotIn("Traceback", daemon.log())

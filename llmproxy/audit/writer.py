@@ -133,6 +133,19 @@ class AuditWriterService(service.Service):
         """Write everything queued so far (and whatever is being written)."""
         return defer.ensureDeferred(self._drain())
 
+    def reopen(self) -> defer.Deferred[None]:
+        """
+        Write what is queued to the file as it is, then close it, so the
+        next batch opens it again at its path (SIGHUP, after logrotate
+        moved it).
+        """
+        return defer.ensureDeferred(self._reopen())
+
+    async def _reopen(self) -> None:
+        await self.flush()
+        if self.file is not None and self._run_blocking is not None:
+            await self._run_blocking(self.file.close)
+
     @property
     def pending(self) -> int:
         return len(self._queue)

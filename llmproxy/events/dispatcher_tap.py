@@ -165,6 +165,7 @@ def makeService(options: Options) -> service.IService:
     from llmproxy.events.redis_streams import RedisStreamConsumer
     from llmproxy.logging import make_observer, open_log_stream
     from llmproxy.redisconn import RedisAddress, connect
+    from llmproxy.reopen import LogFiles, reopen_on_hup
     from llmproxy.service import LLMProxyService, install_stop_once
 
     config: Config = options["config"]
@@ -172,7 +173,12 @@ def makeService(options: Options) -> service.IService:
     top.setName("llmproxy-dispatcher")
     install_stop_once(reactor)
     level = (options["log-level"] or config.effective_log_level).lower()
-    top.log_observer = make_observer(level, config.log_format, open_log_stream(config.log_file))
+    log_files = LogFiles()  # reopened on SIGHUP
+    reopen_on_hup(reactor, log_files.reopen)
+    log_stream = open_log_stream(config.log_file)
+    if log_stream is not None:
+        log_files.add("LOG_FILE", log_stream.reopen)
+    top.log_observer = make_observer(level, config.log_format, log_stream)
     address = RedisAddress.from_config(config)
     reader = connect(address, poolsize=1)  # blocking XREADGROUP gets its own connection
     pool = connect(address, poolsize=1)

@@ -67,6 +67,15 @@ class FileEventLog:
                 error=e,
             )
 
+    def reopen(self) -> None:
+        """Write what is pending to the old file, then go on in a new one (SIGHUP)."""
+        if self._file is None:
+            return
+        self.flush()
+        new = open(self.path, "ab")
+        old, self._file = self._file, new
+        old.close()
+
     def close(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()

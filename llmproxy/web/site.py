@@ -26,6 +26,7 @@ from twisted.web.server import Request, Site
 from twisted.web.server import version as server_version
 
 from llmproxy.eagerwrite import make_eager
+from llmproxy.reopen import ReopenableFile
 from llmproxy.web.clientip import TrustedProxies
 from llmproxy.web.headerstore import set_clean
 
@@ -252,7 +253,7 @@ class AccessLog:
     #: Lines held before they are written in one go (also written every second).
     BATCH = 256
 
-    def __init__(self, stream: IO[str] | None, fmt: str = "json") -> None:
+    def __init__(self, stream: IO[str] | ReopenableFile | None, fmt: str = "json") -> None:
         self._stream = stream
         self._json = fmt == "json"
         # Whole lines, written together: fewer system calls than the stream's
@@ -265,11 +266,16 @@ class AccessLog:
             return cls(None, fmt)
         if setting == "-":
             return cls(sys.__stdout__, fmt)
-        return cls(open(setting, "a", encoding="utf-8", buffering=65536), fmt)
+        return cls(ReopenableFile(setting, "a", encoding="utf-8", buffering=65536), fmt)
 
     @property
     def enabled(self) -> bool:
         return self._stream is not None
+
+    @property
+    def to_file(self) -> bool:
+        """Whether the lines go to a file of ours (which SIGHUP reopens)."""
+        return isinstance(self._stream, ReopenableFile)
 
     def line(self, request: Request, status: int, size: int) -> None:
         stream = self._stream
@@ -303,6 +309,12 @@ class AccessLog:
             self._lines.append(f'{ip} "{method} {path}" {status} {size} {ms:.2f}ms {rid}\n')
         if len(self._lines) >= self.BATCH:
             self.flush()
+
+    def reopen(self) -> None:
+        """Write what is held to the old file, then go on in a new one (SIGHUP)."""
+        self.flush()
+        if isinstance(self._stream, ReopenableFile):
+            self._stream.reopen()
 
     def flush(self) -> None:
         stream = self._stream
