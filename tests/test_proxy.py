@@ -898,6 +898,45 @@ class BodyFilterTests(TestCase):
         self.assertEqual(record.response_body, body)
 
 
+class CompressedAnswerTests(TestCase):
+    """Usage is read from every answer, whatever codings the client accepts."""
+
+    timeout = 30
+
+    async def test_upstream_is_asked_only_for_codings_the_proxy_reads(self) -> None:
+        import gzip
+
+        from llmproxy.events.usage import make_usage_tap
+
+        fake = FakeUpstream(clock=reactor)
+        listening = fake.listen(reactor)
+        self.addCleanup(listening.stop)
+        h = await make_harness(self, listening.url)
+        h.resource.taps.append(make_usage_tap)
+        secret, _ = h.add_token()
+        agent = client_agent(self)
+        # What Node's fetch, and httpx with brotli installed, send.
+        for accepted, coding in ((b"gzip, deflate, br, zstd", b"gzip"), (b"br, zstd", None)):
+            finished = h.observer.next_finished()
+            response, body = await call(
+                agent,
+                h.url + "/v1/chat/completions",
+                token=secret,
+                body=chat(),
+                headers={b"accept-encoding": [accepted], b"x-fake-gzip": [b"1"]},
+            )
+            record = await finished
+            self.assertEqual(response.code, 200)
+            self.assertEqual(
+                response.headers.getRawHeaders(b"content-encoding"),
+                None if coding is None else [coding],
+            )
+            answer = json.loads(gzip.decompress(body) if coding else body)
+            self.assertEqual(record.usage["total_tokens"], answer["usage"]["total_tokens"])  # type: ignore[index]
+        asked = [r.header("accept-encoding") for r in fake.requests]
+        self.assertEqual(asked, ["gzip, deflate", "identity"])
+
+
 class PoolTests(TestCase):
     timeout = 30
 

@@ -94,6 +94,24 @@ class UpstreamHeaderTests(SynchronousTestCase):
         self.assertEqual(h.getRawHeaders(b"x-forwarded-for"), [b"10.1.2.3"])
         self.assertEqual(h.getRawHeaders(b"x-keep"), [b"yes"])
 
+    def test_only_codings_the_proxy_can_read_are_asked_for(self) -> None:
+        """
+        Usage accounting reads answers: br or zstd (what Node's fetch and
+        httpx with brotli ask for) would hide them; gzip and deflate do not.
+        """
+        cases = [
+            ([b"gzip, deflate"], b"gzip, deflate"),
+            ([b"gzip, deflate, br, zstd"], b"gzip, deflate"),
+            ([b"br;q=1.0, GZIP;q=0.5, *;q=0.1"], b"GZIP;q=0.5"),
+            ([b"br", b"deflate"], b"deflate"),
+            ([b"br"], b"identity"),
+            ([b"zstd, *"], b"identity"),
+        ]
+        for sent, asked in cases:
+            h = upstream({b"accept-encoding": sent})
+            self.assertEqual(h.getRawHeaders(b"accept-encoding"), [asked], sent)
+        self.assertIsNone(upstream({}).getRawHeaders(b"accept-encoding"))
+
     def test_repeated_headers_kept_in_order(self) -> None:
         h = upstream({b"x-multi": [b"a", b"b", b"c"], b"cookie": [b"k=1", b"j=2"]})
         self.assertEqual(h.getRawHeaders(b"x-multi"), [b"a", b"b", b"c"])

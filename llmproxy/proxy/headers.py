@@ -59,8 +59,35 @@ _REPLACED_UPSTREAM = frozenset(
         b"x-proxy-version",
         b"x-proxy-id",
         b"x-upstream-request-start",
+        b"accept-encoding",  # narrowed to what the proxy can read (readable_codings)
     }
 )
+
+#: Content codings the proxy can undo to read an answer (usage, events,
+#: the response cache's checks): the only ones asked of the upstream.
+READABLE_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"identity"})
+_readable_memo: dict[bytes, bytes] = {}
+
+
+def readable_codings(accept_encoding: bytes) -> bytes:
+    """
+    The client's C{Accept-Encoding} without the codings the proxy cannot
+    undo (C{br}, C{zstd}, C{*} ...), else C{identity}: the client still gets
+    a coding it asked for, and the answer's usage can still be read.
+    """
+    narrowed = _readable_memo.get(accept_encoding)
+    if narrowed is None:
+        kept = [
+            part.strip()
+            for part in accept_encoding.split(b",")
+            if part.split(b";", 1)[0].strip().lower() in READABLE_CODINGS
+        ]
+        narrowed = b", ".join(kept) or b"identity"
+        if len(_readable_memo) >= 256:
+            _readable_memo.clear()
+        _readable_memo[accept_encoding] = narrowed
+    return narrowed
+
 
 #: Set by the proxy (or by twisted.web) on the way back to the client.
 _REPLACED_DOWNSTREAM = frozenset(
@@ -170,6 +197,9 @@ def upstream_request_headers(
         (b"X-Request-Id", request_id.encode("utf-8")),
         (b"X-Upstream-Request-Start", unix_ns(started_wall)),
     ]
+    codings = client.getRawHeaders(b"accept-encoding")
+    if codings:
+        out.append((b"Accept-Encoding", readable_codings(b", ".join(codings))))
     if peer_ip:
         out.append((b"X-Forwarded-For", peer_ip.encode("latin-1")))
     if not client.hasHeader(b"accept") and wants_stream(client, uri):

@@ -52,6 +52,10 @@ Knobs, set per request as a header or a query parameter (the header wins):
                                         ``application/octet-stream``, written
                                         in 64 KiB chunks by a push producer
                                         that honours backpressure
+``X-Fake-Gzip`` / ``fake_gzip``         ``1``: gzip a complete (non-stream)
+                                        answer when the request's
+                                        ``Accept-Encoding`` names ``gzip``, as
+                                        OpenAI's edge does
 ``X-Fake-Echo`` / ``fake_echo``         ``1``: answer 200 JSON describing the
                                         request received: method, path, query,
                                         headers (every one, repeated ones
@@ -77,6 +81,7 @@ C{twistd -n llmproxy-fake-upstream --port tcp:9999}.
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import re
@@ -175,6 +180,7 @@ class Knobs:
     cut_after: int | None = None
     body_bytes: int | None = None
     echo: bool = False
+    gzip: bool = False
 
     @classmethod
     def from_request(cls, request: Request) -> Knobs:
@@ -202,6 +208,8 @@ class Knobs:
             knobs.body_bytes = parse_size(v)
         if (v := get("echo")) is not None:
             knobs.echo = v.strip().lower() in ("1", "true", "yes", "on")
+        if (v := get("gzip")) is not None:
+            knobs.gzip = v.strip().lower() in ("1", "true", "yes", "on")
         return knobs
 
 
@@ -321,6 +329,19 @@ class _FakeSite(Site):
 
     def log(self, request: Any) -> None:
         """No access log: the recorded requests say more."""
+
+
+def _accepts_gzip(request: Request) -> bool:
+    accepted = b",".join(request.requestHeaders.getRawHeaders(b"accept-encoding", []))
+    for part in accepted.split(b","):
+        coding, _, params = part.partition(b";")
+        if coding.strip().lower() in (b"gzip", b"x-gzip"):
+            name, _, q = params.partition(b"=")
+            try:
+                return name.strip().lower() != b"q" or float(q) > 0
+            except ValueError:
+                return False
+    return False
 
 
 def _json(request: Request, status: int, body: Any) -> bytes:
@@ -510,6 +531,9 @@ class _Exchange:
     def _plain(self, data: bytes) -> Any:
         """A complete body, unless a cut is asked for: then K bytes and an abort."""
         self.request.setHeader(b"x-request-id", self.fake.next_id("req").encode())
+        if self.knobs.gzip and _accepts_gzip(self.request):
+            data = gzip.compress(data)
+            self.request.setHeader(b"content-encoding", b"gzip")
         if self.knobs.cut_after is None:
             return data
         self.request.setHeader(b"content-length", str(len(data)).encode())
