@@ -45,7 +45,9 @@ class ReopenableFileTests(SynchronousTestCase):
         self.assertEqual(read(self.path + ".1"), "still here\n")
 
     def test_access_log_writes_what_it_holds_first(self) -> None:
-        log = AccessLog(ReopenableFile(self.path, "a", encoding="utf-8"), "text")
+        stream = ReopenableFile(self.path, "a", encoding="utf-8")
+        self.addCleanup(stream.close)
+        log = AccessLog(stream, "text")
         self.assertTrue(log.to_file)
         log._lines.append("held\n")
         os.rename(self.path, self.path + ".1")
