@@ -418,6 +418,10 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         clock=reactor,
         max_request_size=config.max_request_size,
         access_log=access_log,
+        # As the Go proxy's server: a request must arrive within REQUEST_TIMEOUT,
+        # an idle keep-alive connection is closed after twice that.
+        request_timeout=config.request_timeout,
+        idle_timeout=2 * config.request_timeout or None,  # 0: no limits
         trusted_proxies=TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None,
     )
     if config.ip_rate_limit and not config.trusted_proxies:

@@ -177,7 +177,7 @@ async def make_harness(
         Root(WebApp(clock=reactor).resource(), resource),
         clock=reactor,
         max_request_size=50 * 1024 * 1024,
-        request_timeout=site_timeout,
+        idle_timeout=site_timeout,
     )
     port = reactor.listenTCP(0, site, interface="127.0.0.1")
     test.addCleanup(port.stopListening)

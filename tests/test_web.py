@@ -261,6 +261,48 @@ class SiteTests(SynchronousTestCase):
             self.assertEqual(code, "bad_request" if status == 400 else "request_headers_too_large")
             self.assertTrue(transport.disconnecting)
 
+    def test_a_request_must_arrive_within_request_timeout(self) -> None:
+        site, _ = self.make_site(100)
+        self.assertEqual((site.request_timeout, site.timeOut), (30.0, 60.0))
+        # Headers trickling in: 408 REQUEST_TIMEOUT after the first byte.
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"POST /v1/x HTTP/1.1\r\n")
+        self.clock.advance(20)
+        channel.dataReceived(b"Host: x\r\n")
+        self.clock.advance(9.9)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.1)
+        head, _, body = transport.value().partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 408 Request Timeout"), head)
+        self.assertEqual(json.loads(body)["code"], "request_timeout")
+        self.assertTrue(transport.disconnecting)
+
+    def test_complete_requests_are_not_timed_out(self) -> None:
+        site, _ = self.make_site(100)
+        # In one read, and with a body that arrives in pieces within the limit.
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        self.clock.advance(29)
+        channel.dataReceived(b"0123456789")
+        channel.dataReceived(b"GET /v1/y HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.clock.advance(59)
+        out = transport.value()
+        self.assertEqual(out.count(b"HTTP/1.1 200 "), 2, out)
+        self.assertNotIn(b"408", out)
+        self.assertFalse(transport.disconnecting)
+        # An idle keep-alive connection closes after twice REQUEST_TIMEOUT.
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_an_answered_request_gets_no_timeout_answer(self) -> None:
+        site, _ = self.make_site(10)
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+        self.clock.advance(30)
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
+        self.assertNotIn(b"408", out)
+
     def test_reason_phrases_twisted_lacks(self) -> None:
         class Status(Resource):
             isLeaf = True

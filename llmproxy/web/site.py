@@ -336,6 +336,8 @@ _CLOSED_CLEANLY = Failure(ConnectionDone())
 _UNPARSEABLE = {
     400: b'{"error":"Bad request","code":"bad_request",'
     b'"description":"the request is not valid HTTP/1.1"}',
+    408: b'{"error":"Request timeout","code":"request_timeout",'
+    b'"description":"the request did not arrive in full within REQUEST_TIMEOUT"}',
     431: b'{"error":"Request header fields too large","code":"request_headers_too_large",'
     b'"description":"request line and headers are limited to 16384 bytes and 500 headers"}',
 }
@@ -358,11 +360,51 @@ class LLMProxyChannel(http.HTTPChannel):
         host = transport.getHost()  # type: ignore[union-attr]
         self.getHost = lambda: host  # type: ignore[method-assign]
 
+    #: Fires L{_read_timed_out} while a request is only partly received.
+    _read_deadline: Any = None
+
     def connectionLost(self, reason: Failure = _CLOSED_CLEANLY) -> None:
         site = getattr(self, "site", None)
         if site is not None:
             site._channels.discard(self)
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
         super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        # A request that did not arrive whole in this read must arrive within
+        # the site's request_timeout (REQUEST_TIMEOUT), counted from here; a
+        # request that arrives in one read, the usual case, costs no timer.
+        if (
+            self._read_deadline is None
+            and not self._handlingRequest
+            and (self.requests or self._buffer)
+        ):
+            site = self.site  # type: ignore[attr-defined]
+            if site.request_timeout > 0:
+                self._read_deadline = site.clock.callLater(
+                    site.request_timeout, self._read_timed_out
+                )
+
+    def allContentReceived(self) -> None:
+        if self._read_deadline is not None:
+            self._read_deadline.cancel()
+            self._read_deadline = None
+        super().allContentReceived()
+
+    def _read_timed_out(self) -> None:
+        self._read_deadline = None
+        if self._handlingRequest or not (self.requests or self._buffer):
+            return
+        transport = self.transport
+        if transport is None or transport.disconnecting:  # type: ignore[attr-defined]
+            return
+        if self.requests and self.requests[-1].startedWriting:
+            self.loseConnection()  # already answered (413 while the body arrived)
+            return
+        self._refuse(408)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # A request line or a header line over MAX_LENGTH (16 KiB); Twisted
@@ -424,16 +466,21 @@ class LLMProxySite(Site):
         clock: IReactorTime,
         max_request_size: int,
         access_log: AccessLog | None = None,
-        request_timeout: float = 60 * 60 * 12,
+        request_timeout: float = 30.0,
+        idle_timeout: float | None = 60.0,
         trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         # Never parse POST bodies as HTML forms: nothing here reads form
         # arguments, and Twisted's parse of Content-Type (through the email
         # package) cost ~12% of the proxy's CPU. Each request takes this
         # setting from the site in its constructor.
+        # Twisted's channel timeout closes a connection that sends nothing
+        # for idle_timeout (between requests, and within a slow one);
+        # request_timeout bounds the arrival of each request (the channel).
         super().__init__(
-            resource, timeout=request_timeout, parsePOSTFormSubmission=False, reactor=clock
+            resource, timeout=idle_timeout, parsePOSTFormSubmission=False, reactor=clock
         )
+        self.request_timeout = request_timeout
         self.clock = clock
         self.max_request_size = max_request_size
         self.access_log = access_log or AccessLog(None)
