@@ -61,6 +61,10 @@ def run(argv: Sequence[str], environ: Mapping[str, str], out: IO[str], err: IO[s
     try:
         config = Config.from_env(environ, require_management_token=False)
         cipher = cipher_from_config(config)  # a bad ENCRYPTION_KEY fails here
+        if args.action in _READ_ONLY and _no_sqlite_file(config):
+            # Asking about a database that does not exist must not create it
+            # (nor its directory): the answers are those of an empty one.
+            return _empty_schema(args.action, out)
         engine = engine_from_config(config)
     except ConfigError as e:
         err.write(f"llmproxy: configuration error: {e}\n")
@@ -76,6 +80,30 @@ def run(argv: Sequence[str], environ: Mapping[str, str], out: IO[str], err: IO[s
         return 1
     finally:
         engine.dispose()
+
+
+#: Commands that only read, or have nothing to do on an empty schema.
+_READ_ONLY = ("status", "encrypt-status", "down")
+
+
+def _no_sqlite_file(config: Config) -> bool:
+    path = config.database_path
+    return (
+        config.db_driver not in ("postgres", "mysql")
+        and path != ":memory:"
+        and not os.path.exists(path)
+    )
+
+
+def _empty_schema(action: str, out: IO[str]) -> int:
+    """What a read-only command says of an empty schema (no database file)."""
+    if action == "status":
+        out.write(f"current: base\nnewest: {head_revision()}\nmigrations pending\n")
+    elif action == "encrypt-status":
+        out.write("schema is empty\n")
+    else:
+        out.write("schema is empty; nothing to undo\n")
+    return 0
 
 
 def _migrate(

@@ -18,6 +18,21 @@ from tests.test_store import T0
 from tests.test_store_support import KEY, new_postgres_schema, sqlite_url_for
 
 
+class NoDatabaseTests(SynchronousTestCase):
+    def test_read_only_commands_create_nothing(self) -> None:
+        where = os.path.join(os.path.abspath(self.mktemp()), "data", "llmproxy.db")
+        env = {"DATABASE_PATH": where}
+        for action, said in (
+            ("status", f"current: base\nnewest: {head_revision()}\nmigrations pending\n"),
+            ("encrypt-status", "schema is empty\n"),
+            ("down", "schema is empty; nothing to undo\n"),
+        ):
+            out, err = io.StringIO(), io.StringIO()
+            self.assertEqual(run(["migrate", action], env, out, err), 0)
+            self.assertEqual((out.getvalue(), err.getvalue()), (said, ""))
+        self.assertFalse(os.path.exists(os.path.dirname(os.path.dirname(where))))
+
+
 class MigrateCommandTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = sqlite_url_for(self)
@@ -33,6 +48,7 @@ class MigrateCommandTests(SynchronousTestCase):
         self.assertEqual(
             self.cli("status"), (0, "current: base\nnewest: 0001\nmigrations pending\n", "")
         )
+        self.assertFalse(os.path.exists(self.path))  # asking created nothing
         self.assertEqual(self.cli("up"), (0, f"schema at revision {head}\n", ""))
         self.assertEqual(self.cli("status")[1], f"current: {head}\nnewest: {head}\nup to date\n")
         code, _, err = self.cli("down")
