@@ -474,12 +474,12 @@ class LLMProxySite(Site):
         # arguments, and Twisted's parse of Content-Type (through the email
         # package) cost ~12% of the proxy's CPU. Each request takes this
         # setting from the site in its constructor.
-        # Twisted's channel timeout closes a connection that sends nothing
-        # for idle_timeout (between requests, and within a slow one);
-        # request_timeout bounds the arrival of each request (the channel).
         super().__init__(
             resource, timeout=idle_timeout, parsePOSTFormSubmission=False, reactor=clock
         )
+        # Twisted's channel timeout (idle_timeout) closes a connection that
+        # sends nothing for that long, between requests or within a slow one;
+        # request_timeout bounds the arrival of each request (LLMProxyChannel).
         self.request_timeout = request_timeout
         self.clock = clock
         self.max_request_size = max_request_size
