@@ -172,7 +172,16 @@ class ProjectTests(ManagementTestCase):
         self.assertEqual((code, body["error"]), (400, "name and api_key are required"))
 
     def test_12_not_json(self) -> None:
-        for raw in (b"not json", b"", b"[1]", b'"x"', b'{"name": 5, "api_key": "k"}'):
+        for raw in (
+            b"not json",
+            b"",
+            b"[1]",
+            b'"x"',
+            b'{"name": 5, "api_key": "k"}',
+            b"[" * 100_000 + b"]" * 100_000,  # nested too deep to decode
+            b'{"name": "x\\ud800", "api_key": "k"}',  # a lone surrogate: not UTF-8
+            b'{"name": "a\\u0000b", "api_key": "k"}',  # NUL: PostgreSQL refuses it
+        ):
             code, body, headers = self.call("POST", "/manage/projects", raw=raw)
             self.assertEqual(code, 400, raw)
             self.assert_json_error(headers, body, "invalid request body")

@@ -117,6 +117,30 @@ class _ManageOnSQL:
         code, shown = await self.call("GET", f"/manage/audit/{event['id']}")
         tc.assertEqual((code, shown), (200, event))
 
+    async def test_text_no_database_takes(self) -> None:
+        """
+        NUL (which PostgreSQL refuses) and escaped lone surrogates never
+        reach the database: bodies carrying them are refused, ids and
+        filters carrying them find nothing.
+        """
+        tc: Any = self
+        for name in ("a\x00b", "x\ud800"):
+            code, body = await self.call("POST", "/manage/projects", {"name": name, "api_key": KEY})
+            tc.assertEqual((code, body["error"]), (400, "invalid request body"))
+        for path, expected in (
+            ("/manage/tokens?project_id=a%00b", (200, [])),
+            ("/manage/projects/a%00b", (404, "project not found")),
+            ("/manage/tokens/a%00b", (404, "token not found")),
+            ("/manage/audit/a%00b", (404, "audit event not found")),
+        ):
+            code, body = await self.call("GET", path)
+            tc.assertEqual((code, body if code == 200 else body["error"]), expected, path)
+        for name in ("search", "action", "actor", "client_ip"):
+            code, body = await self.call("GET", f"/manage/audit?{name}=a%00b")
+            tc.assertEqual((code, body["events"]), (200, []), name)
+        code, body = await self.call("GET", "/manage/projects/%ff%fe")
+        tc.assertEqual((code, body["code"]), (400, "bad_request"))
+
 
 class SQLiteManageTests(_ManageOnSQL, TestCase):
     kind = "sqlite"

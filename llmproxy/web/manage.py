@@ -121,12 +121,14 @@ def decode_body(raw: bytes, fields: Mapping[str, type]) -> dict[str, Any]:
     Decode a JSON object leniently, as the Go llm-proxy does: keys match
     case-insensitively, unknown keys are ignored, C{null} means absent, a
     literal C{null} body means "no fields", trailing bytes after the first
-    value are ignored. Wrong types and an empty body raise L{_BadBody}.
+    value are ignored. Wrong types, an empty body, nesting too deep to
+    decode and text that cannot be stored (an escaped lone surrogate such
+    as C{"\\ud800"}, or NUL, which PostgreSQL refuses) raise L{_BadBody}.
     """
     try:
         text = raw.decode("utf-8").lstrip()
         value, _ = json.JSONDecoder().raw_decode(text)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise _BadBody() from e
     if value is None:
         return {}
@@ -157,8 +159,21 @@ def decode_body(raw: bytes, fields: Mapping[str, type]) -> dict[str, Any]:
             ok = isinstance(item, kind)
         if not ok:
             raise _BadBody()
+        if isinstance(item, str) and not _storable(item):
+            raise _BadBody()
         result[name] = item
     return result
+
+
+def _storable(text: str) -> bool:
+    """Whether every database can store C{text}: valid UTF-8, no NUL."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _LEADING_INT = re.compile(r"\s*([+-]?\d+)")
@@ -187,8 +202,17 @@ def _arg(request: Request, *names: str) -> str | None:
     for name in names:
         values = args.get(name.encode())
         if values:
-            return values[0].decode("utf-8", "replace")
+            return _searchable(values[0].decode("utf-8", "replace"))
     return None
+
+
+def _searchable(text: str) -> str:
+    """
+    C{text} as every database can take it in a query: NUL, which nothing
+    stored contains and PostgreSQL refuses, becomes U+FFFD, as undecodable
+    bytes already do.
+    """
+    return text.replace("\x00", "\ufffd")
 
 
 class ManagementAPI:
@@ -296,7 +320,8 @@ class ManagementAPI:
             request.setHeader(b"allow", ", ".join(sorted(handlers)).encode())
             return json_error(request, 405, "method not allowed", code="method_not_allowed")
         try:
-            return await handler(request, **kwargs)
+            ids = {k: _searchable(v) if isinstance(v, str) else v for k, v in kwargs.items()}
+            return await handler(request, **ids)
         except ApiError as e:
             return json_error(request, e.status, e.message, **e.extra)
         except Exception:

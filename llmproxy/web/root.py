@@ -5,10 +5,36 @@ hot path); every other path is handed, whole, to the Klein web app.
 
 from __future__ import annotations
 
+from urllib.parse import unquote_to_bytes
+
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from llmproxy.web.errors import json_error
 from llmproxy.web.site import CORRELATION_ID, REQUEST_ID, new_request_id
+
+
+class _NotUTF8(Resource):
+    """A path the web app cannot route: its percent-decoded bytes are not UTF-8."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return json_error(
+            request,
+            400,
+            "invalid URL",
+            code="bad_request",
+            description="the path is not UTF-8 once percent-decoded",
+        )
+
+
+def _utf8_path(request: Request) -> bool:
+    try:
+        unquote_to_bytes(request.path).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class Root(Resource):
@@ -24,7 +50,8 @@ class Root(Resource):
         # Put the segment back so the web app routes on the full path.
         request.postpath.insert(0, request.prepath.pop())  # type: ignore[union-attr]
         stamp_request_ids(request)
-        return self._web
+        # Klein would answer such a path with a plain-text 400 and a traceback in the log.
+        return self._web if _utf8_path(request) else _NotUTF8()
 
     def render(self, request: Request) -> bytes:
         # Only reached for a request with an empty path (no segments at all).
