@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import IO, Any
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from llmproxy.reopen import ReopenableFile
 
 log = Logger()
 
@@ -33,13 +35,13 @@ class FileEventLog:
         self.interval = interval
         self.written = 0
         self._pending: list[bytes] = []
-        self._file: IO[bytes] | None = None
+        self._file: ReopenableFile | None = None
         self._loop: LoopingCall | None = None
 
     def open(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
-        self._file = open(self.path, "ab")
+        self._file = ReopenableFile(self.path, "ab")
         self._loop = LoopingCall(self.flush)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)
@@ -72,9 +74,7 @@ class FileEventLog:
         if self._file is None:
             return
         self.flush()
-        new = open(self.path, "ab")
-        old, self._file = self._file, new
-        old.close()
+        self._file.reopen()
 
     def close(self) -> None:
         if self._loop is not None and self._loop.running:
