@@ -142,7 +142,11 @@ def build_worker_pool(config: Config, options: Options, reactor: Any) -> IServic
         stop_timeout=config.drain_timeout + 15.0,
     )
     pool.setServiceParent(top)
-    # SIGHUP: this process reopens its own log file and passes the signal on.
-    log_files.add("the workers' log files", lambda: pool.signal_workers("HUP"))
-    reopen_on_hup(reactor, log_files.reopen)
+
+    def on_hup() -> None:
+        # This process reopens its own log file and passes the signal on.
+        log_files.reopen()
+        pool.signal_workers("HUP")
+
+    reopen_on_hup(reactor, on_hup)
     return top
