@@ -13,7 +13,8 @@ import weakref
 from typing import Any
 
 import attrs
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
@@ -137,6 +138,34 @@ class CachedPathTests(_ChatTestCase):
         self.assertIsNotNone(blind.finished[1].overhead)
 
 
+def alive(class_name: str) -> int:
+    """Instances of a class (by name) the collector tracks right now."""
+    return sum(type(o).__name__ == class_name for o in gc.get_objects())
+
+
+class _Leaver(Protocol):
+    """Sends a request, then aborts the connection (after C{wait_for} arrives)."""
+
+    def __init__(self, request: bytes, wait_for: bytes | None) -> None:
+        self.request = request
+        self.wait_for = wait_for
+        self.received = b""
+        self.left: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)  # type: ignore[union-attr]
+        if self.wait_for is None:
+            reactor.callLater(0.05, self.transport.abortConnection)  # type: ignore[attr-defined,union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.wait_for is not None and self.wait_for in self.received:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.left.callback(None)
+
+
 class NoCycleTests(_ChatTestCase):
     """
     A proxied request is freed by reference counting once it is answered:
@@ -182,6 +211,45 @@ class NoCycleTests(_ChatTestCase):
             self.assertEqual(response.code, 200)
             self.assertIn(b"data: [DONE]", body)
         await self.assert_freed()
+
+    async def test_client_leaves(self) -> None:
+        """
+        A client that goes away mid-stream or before the answer: its request,
+        the body relay and the upstream connection are freed all the same.
+        """
+        secret, _ = self.h.add_token()
+        stream = {"x-fake-chunks": "20", "x-fake-chunk-delay-ms": "50"}
+        for knobs, wait_for in ((stream, b"data: "), ({"x-fake-latency-ms": "300"}, None)):
+            for _ in range(2):
+                await self.leave(secret, knobs, wait_for)
+        await self.assert_freed()
+        self.assertEqual(alive("BodyRelay"), 0)
+
+        # None of those upstream connections could be kept for another
+        # request: they and their TCP transports are gone too.
+        def upstream_side() -> int:
+            return alive("UpstreamConnection") + alive("EagerClient")
+
+        for _ in range(50):
+            if not upstream_side():
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(upstream_side(), 0)
+
+    async def leave(self, secret: str, knobs: dict[str, str], wait_for: bytes | None) -> None:
+        """Send a streamed chat completion, then drop the connection."""
+        body = chat(True)
+        head = "".join(f"{k}: {v}\r\n" for k, v in knobs.items())
+        request = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {secret}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{head}\r\n"
+        ).encode() + body
+        client = _Leaver(request, wait_for)
+        port = int(self.h.url.rsplit(":", 1)[1])
+        await ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port)
+        await client.left
+        await deferLater(reactor, 0.1, lambda: None)
 
     async def test_upstream_error(self) -> None:
         secret, _ = self.h.add_token()

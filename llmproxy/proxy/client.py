@@ -529,6 +529,12 @@ class UpstreamConnection(Protocol):
                 self._end_body(Failure(ResponseFailed([reason])), False)
         if self._held_end is None:
             self._state = _CLOSED
+        # Twisted's TCP client and its connector refer to each other and
+        # nothing breaks that when the connection ends: break it here, so
+        # both (and this protocol) are freed at once, not by the collector.
+        connector = getattr(self.transport, "connector", None)
+        if connector is not None:
+            connector.transport = None
         self.lost.callback(None)
 
 

@@ -185,6 +185,10 @@ class LLMProxyRequest(Request):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        # Nothing will be produced for a connection that is gone; the
+        # producer (a body relay, which holds this request) is let go, so
+        # both are freed by reference counting instead of by the collector.
+        self.producer = None
         lost, self.on_connection_lost = self.on_connection_lost, None
         if lost is not None:
             lost(reason)
