@@ -213,10 +213,10 @@ class Config:
         "REQUEST_TIMEOUT",
         30.0,
         parse_duration,
-        "Timeout for reading a request from a client (a request must arrive in full "
-        "within it, else 408; an idle keep-alive connection is closed after twice it; "
-        "0: no limit), and the built-in provider's response-header timeout. Never "
-        "limits the length of a streamed answer.",
+        "Timeout for reading a request from a client (its head must arrive within it "
+        "and its body may not pause for longer, else 408; an idle keep-alive connection "
+        "is closed after twice it; 0: no limit), and the built-in provider's "
+        "response-header timeout. Never limits the length of a streamed answer.",
         group=CORE,
     )
     max_request_size: int = _var(

@@ -294,6 +294,23 @@ class SiteTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
 
+    def test_a_body_may_take_longer_while_it_keeps_arriving(self) -> None:
+        site, _ = self.make_site(100)
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        for piece in (b"01", b"23", b"45", b"67"):  # 80 s in all, never 30 s apart
+            self.clock.advance(20)
+            channel.dataReceived(piece)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(29)
+        channel.dataReceived(b"89")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "), transport.value())
+        # A body that stops arriving gets the 408.
+        channel, transport = self.connect(site)
+        channel.dataReceived(b"POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01")
+        self.clock.advance(30)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "), transport.value())
+
     def test_an_answered_request_gets_no_timeout_answer(self) -> None:
         site, _ = self.make_site(10)
         channel, transport = self.connect(site)

@@ -341,7 +341,8 @@ _UNPARSEABLE = {
     400: b'{"error":"Bad request","code":"bad_request",'
     b'"description":"the request is not valid HTTP/1.1"}',
     408: b'{"error":"Request timeout","code":"request_timeout",'
-    b'"description":"the request did not arrive in full within REQUEST_TIMEOUT"}',
+    b'"description":"the request head did not arrive within REQUEST_TIMEOUT, '
+    b'or its body paused for longer"}',
     431: b'{"error":"Request header fields too large","code":"request_headers_too_large",'
     b'"description":"request line and headers are limited to 16384 bytes and 500 headers"}',
 }
@@ -378,19 +379,20 @@ class LLMProxyChannel(http.HTTPChannel):
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)
-        # A request that did not arrive whole in this read must arrive within
-        # the site's request_timeout (REQUEST_TIMEOUT), counted from here; a
-        # request that arrives in one read, the usual case, costs no timer.
-        if (
-            self._read_deadline is None
-            and not self._handlingRequest
-            and (self.requests or self._buffer)
-        ):
-            site = self.site  # type: ignore[attr-defined]
-            if site.request_timeout > 0:
-                self._read_deadline = site.clock.callLater(
-                    site.request_timeout, self._read_timed_out
-                )
+        # A request that did not arrive whole in this read has the site's
+        # request_timeout (REQUEST_TIMEOUT) for its head, counted from here,
+        # and its body may not pause for longer than that (a large upload on
+        # a slow link may take longer in all). A request that arrives in one
+        # read, the usual case, costs no timer.
+        if self._handlingRequest or not (self.requests or self._buffer):
+            return
+        timeout = self.site.request_timeout  # type: ignore[attr-defined]
+        if timeout <= 0:
+            return
+        if self._read_deadline is None:
+            self._read_deadline = self.site.clock.callLater(timeout, self._read_timed_out)  # type: ignore[attr-defined]
+        elif not self.line_mode:  # in the body: it is still arriving
+            self._read_deadline.reset(timeout)
 
     def allContentReceived(self) -> None:
         if self._read_deadline is not None:
