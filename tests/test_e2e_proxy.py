@@ -87,6 +87,18 @@ async def read_token(path: str, secret: str) -> Token | None:
         await store.close()
 
 
+def get_status(url: str, headers: dict[str, str]) -> int:
+    """The status of a GET (blocking: call it in a thread)."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            r.read()
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        e.read()
+        return int(e.code)
+
+
 class DaemonCase(TestCase):
     """A daemon in front of an in-process fake upstream, with three seeded tokens."""
 
@@ -210,14 +222,7 @@ class EndToEndProxyTests(DaemonCase):
         url = self.daemon.url + "/v1/models"
 
         def one() -> int:
-            req = urllib.request.Request(url, headers={"Authorization": "Bearer " + self.limited})
-            try:
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    r.read()
-                    return int(r.status)
-            except urllib.error.HTTPError as e:
-                e.read()
-                return int(e.code)
+            return get_status(url, {"Authorization": "Bearer " + self.limited})
 
         def burst() -> list[int]:
             start = threading.Barrier(50)
@@ -332,20 +337,12 @@ class _IPRateLimitCase(DaemonCase):
     """Two requests per client address and minute (the test client is 127.0.0.1)."""
 
     async def statuses(self, *forwarded_for: str) -> list[int]:
-        def get(xff: str) -> int:
-            request = urllib.request.Request(
-                self.daemon.url + "/v1/models",
-                headers={"Authorization": "Bearer " + self.token, "X-Forwarded-For": xff},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=30) as r:
-                    r.read()
-                    return int(r.status)
-            except urllib.error.HTTPError as e:
-                e.read()
-                return int(e.code)
-
-        return [await self.in_thread(get, xff) for xff in forwarded_for]
+        url = self.daemon.url + "/v1/models"
+        auth = "Bearer " + self.token
+        return [
+            await self.in_thread(get_status, url, {"Authorization": auth, "X-Forwarded-For": xff})
+            for xff in forwarded_for
+        ]
 
 
 class TrustedProxyIPRateLimitTests(_IPRateLimitCase):
