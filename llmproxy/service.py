@@ -418,8 +418,9 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
         clock=reactor,
         max_request_size=config.max_request_size,
         access_log=access_log,
-        # As the Go proxy's server: a request must arrive within REQUEST_TIMEOUT,
-        # an idle keep-alive connection is closed after twice that.
+        # A request's head must arrive within REQUEST_TIMEOUT and its body may
+        # not pause for longer; an idle keep-alive connection is closed after
+        # twice that (as the Go proxy's server does).
         request_timeout=config.request_timeout,
         idle_timeout=2 * config.request_timeout or None,  # 0: no limits
         trusted_proxies=TrustedProxies(config.trusted_proxies) if config.trusted_proxies else None,

@@ -165,11 +165,7 @@ class WorkerPoolService(service.Service):
         self._stopping = True
         super().stopService()
         running = list(self._running.values())
-        for transport, _ in running:
-            try:
-                transport.signalProcess("TERM")
-            except Exception:  # already gone
-                pass
+        self.signal_workers("TERM")
         ended = defer.DeferredList([p.ended for _, p in running], consumeErrors=True)
         ended.addTimeout(self.stop_timeout, self.clock)  # type: ignore[arg-type]
         try:
