@@ -421,6 +421,8 @@ class LogRotationTests(DaemonCase):
             )
 
         def reopened() -> bool:
+            if not os.path.exists(self.logs["LOG_FILE"]):
+                return False  # not reopened yet
             with open(self.logs["LOG_FILE"], encoding="utf-8") as f:
                 return "SIGHUP: reopened 4 log file(s)" in f.read()
 
