@@ -12,7 +12,9 @@ import signal
 from collections.abc import Callable
 from typing import IO, Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -69,10 +71,20 @@ class LogFiles:
     def reopen(self) -> None:
         for what, reopen in self._reopeners:
             try:
-                reopen()
+                result = reopen()
             except Exception:
-                log.failure("reopening {what} failed; still writing to the old file", what=what)
+                log.failure(_FAILED, what=what)
+                continue
+            if isinstance(result, Deferred):  # the audit file closes in its own thread
+                result.addErrback(_log_failure, what)
         log.info("SIGHUP: reopened {count} log file(s)", count=len(self._reopeners))
+
+
+_FAILED = "reopening {what} failed; still writing to the old file"
+
+
+def _log_failure(failure: Failure, what: str) -> None:
+    log.failure(_FAILED, failure, what=what)
 
 
 def reopen_on_hup(reactor: Any, reopen: Callable[[], Any]) -> None:
