@@ -74,6 +74,14 @@ class TrustedProxiesTests(SynchronousTestCase):
         mapped = IPv6Address("TCP", "::ffff:10.0.0.5", 40000)
         self.assertEqual(self.client(mapped, x_forwarded_for="198.51.100.4"), "198.51.100.4")
 
+    def test_ports_some_proxies_add_are_dropped(self) -> None:
+        for xff, client in (
+            ("198.51.100.4:52113, 10.1.1.1:443", "198.51.100.4"),
+            ("[2001:db9::1]:52113", "2001:db9::1"),
+            ("2001:db9::1", "2001:db9::1"),
+        ):
+            self.assertEqual(self.client(tcp("10.2.2.2"), x_forwarded_for=xff), client, xff)
+
     def test_hop_that_is_not_an_address_is_not_trusted(self) -> None:
         self.assertEqual(
             self.client(tcp("10.2.2.2"), x_forwarded_for="198.51.100.4, unknown"), "unknown"

@@ -40,6 +40,19 @@ def parse_trusted_entry(entry: str) -> _Network | str:
         ) from None
 
 
+def _address(hop: str) -> str:
+    """
+    An X-Forwarded-For entry without the port some proxies add
+    (C{198.51.100.4:52113}, C{[2001:db8::1]:52113}): with it, every new
+    connection of one client would look like another client.
+    """
+    if hop.startswith("["):
+        return hop[1:].split("]", 1)[0]
+    if hop.count(":") == 1:
+        return hop.split(":", 1)[0]
+    return hop
+
+
 class TrustedProxies:
     """The proxies whose C{X-Forwarded-For} and C{X-Real-IP} are believed."""
 
@@ -81,7 +94,7 @@ class TrustedProxies:
                 return host
         headers = request.requestHeaders
         hops = [
-            hop.strip().decode("latin-1")
+            _address(hop.strip().decode("latin-1"))
             for value in headers.getRawHeaders(b"x-forwarded-for") or ()
             for hop in value.split(b",")
         ]
