@@ -6,6 +6,7 @@ the drain timeout), then usage, audit and events flush, the store last.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application import service
@@ -18,6 +19,7 @@ from twisted.python.components import Componentized
 from llmproxy.reopen import LogFiles, reopen_on_hup
 from llmproxy.web.clientip import TrustedProxies
 from llmproxy.web.site import LLMProxySite
+from llmproxy.workers import PARENT_PID_ENV, ParentWatchService
 
 log = Logger()
 
@@ -123,11 +125,12 @@ class LLMProxyService(SequentialMultiService):
         return super().setServiceParent(parent)
 
 
-def install_stop_once(reactor: Any) -> None:
+def install_stop_once(reactor: Any) -> Any:
     """
     Make repeated SIGTERM/SIGINT harmless: systemd signals every process of
     the unit and the C{--workers} parent forwards the signal too; Twisted's
-    own handler would log C{ReactorNotRunning} for the second one.
+    own handler would log C{ReactorNotRunning} for the second one. Returns
+    the same stop for other reasons to stop (see L{ParentWatchService}).
     """
     import signal
 
@@ -147,6 +150,7 @@ def install_stop_once(reactor: Any) -> None:
                 signal.signal(sig, handler)
 
     reactor.callWhenRunning(install)
+    return stop
 
 
 class DrainingWebService(StreamServerEndpointService):
@@ -237,7 +241,10 @@ def build_service(config: Any, reactor: Any) -> LLMProxyService:
 
     top = LLMProxyService()
     top.setName("llmproxy")
-    install_stop_once(reactor)
+    stop = install_stop_once(reactor)
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent:  # a --workers worker: stop with the parent that runs it
+        ParentWatchService(reactor, int(parent), stop).setServiceParent(top)
     log_files = LogFiles()  # reopened on SIGHUP
     reopen_on_hup(reactor, log_files.reopen)
     log_stream = open_log_stream(config.log_file)

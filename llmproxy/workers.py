@@ -66,6 +66,56 @@ class _WorkerProtocol(protocol.ProcessProtocol):
         self.pool.worker_ended(self, code)
 
 
+#: Set in each worker's environment: the pid of the process that runs it.
+PARENT_PID_ENV = "LLMPROXY_PARENT_PID"
+
+
+class ParentWatchService(service.Service):
+    """
+    In a worker: stop (draining, as on SIGTERM) once the parent that runs
+    the pool is gone, for instance killed with SIGKILL, which it cannot pass
+    on. Without this the workers would go on serving on the shared port,
+    and a new pool could not bind it.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        parent_pid: int,
+        stop: Any,
+        interval: float = 1.0,
+        getppid: Any = os.getppid,
+    ) -> None:
+        self.clock = clock
+        self.parent_pid = parent_pid
+        self.stop = stop
+        self.interval = interval
+        self._getppid = getppid
+        self._loop: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.task import LoopingCall
+
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _check(self) -> None:
+        if self._getppid() == self.parent_pid:
+            return
+        log.warn(
+            "the --workers parent (pid {pid}) is gone; stopping this worker", pid=self.parent_pid
+        )
+        self._loop.stop()
+        self.stop()
+
+
 class WorkerPoolService(service.Service):
     """Binds the port, runs and supervises the worker processes."""
 
@@ -108,6 +158,7 @@ class WorkerPoolService(service.Service):
         env = dict(os.environ)
         env.update(self.worker_env)
         env["LLMPROXY_WORKER_INDEX"] = str(index)
+        env[PARENT_PID_ENV] = str(os.getpid())  # see ParentWatchService
         # LISTEN_PID must be the worker's own pid: set it in the shell that
         # then execs the worker (exec keeps the pid). The worker starts with
         # SIGHUP ignored (an ignored signal stays ignored across exec) until

@@ -9,10 +9,11 @@ import subprocess
 import time
 import urllib.request
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from llmproxy.testing.daemon import start_daemon
-from llmproxy.workers import parse_tcp_endpoint
+from llmproxy.workers import ParentWatchService, parse_tcp_endpoint
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -65,6 +66,25 @@ class WorkerCacheTTLTests(SynchronousTestCase):
             self.assertNotIn("TOKEN_CACHE_TTL", self.worker_env(**setting))
 
 
+class ParentWatchTests(SynchronousTestCase):
+    def test_stops_once_when_the_parent_is_gone(self) -> None:
+        clock = Clock()
+        parent = [4242]
+        stops: list[bool] = []
+        watch = ParentWatchService(
+            clock, 4242, lambda: stops.append(True), getppid=lambda: parent[0]
+        )
+        watch.startService()
+        clock.advance(5)
+        self.assertEqual(stops, [])
+        parent[0] = 1  # reparented: the parent died
+        clock.advance(1)
+        clock.advance(5)
+        self.assertEqual(stops, [True])
+        watch.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
 class WorkersEndToEndTests(SynchronousTestCase):
     def test_two_workers_serve_restart_and_stop(self) -> None:
         workdir = self.mktemp()
@@ -115,3 +135,41 @@ class WorkersEndToEndTests(SynchronousTestCase):
         self.assertEqual(daemon.terminate(), 0, daemon.log())
         self.assertEqual(worker_pids(daemon.process.pid), [])
         self.assertNotIn("Traceback", daemon.log())
+
+    def test_workers_stop_when_the_parent_is_killed(self) -> None:
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        daemon = start_daemon(
+            workdir,
+            {"MANAGEMENT_TOKEN": "mt", "LOG_FORMAT": "text", "ACCESS_LOG": "off"},
+            args=["--workers", "2"],
+        )
+        self.addCleanup(daemon.kill)
+        deadline = time.monotonic() + 20
+        while len(worker_pids(daemon.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = worker_pids(daemon.process.pid)
+        self.assertEqual(len(workers), 2, daemon.log())
+        self.addCleanup(_kill_all, workers)
+        # SIGKILL: the parent can pass nothing on; the workers notice by themselves.
+        daemon.kill()
+        deadline = time.monotonic() + 20
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.assertFalse([pid for pid in workers if _running(pid)], daemon.log())
+        self.assertEqual(daemon.log().count("is gone; stopping this worker"), 2, daemon.log())
+
+
+def _running(pid: int) -> bool:
+    """Whether C{pid} is a live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
