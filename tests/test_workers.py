@@ -12,7 +12,7 @@ import urllib.request
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from llmproxy.testing.daemon import start_daemon
+from llmproxy.testing.daemon import Daemon, start_daemon
 from llmproxy.workers import ParentWatchService, parse_tcp_endpoint
 
 
@@ -86,7 +86,8 @@ class ParentWatchTests(SynchronousTestCase):
 
 
 class WorkersEndToEndTests(SynchronousTestCase):
-    def test_two_workers_serve_restart_and_stop(self) -> None:
+    def start_pool(self) -> tuple[Daemon, list[int]]:
+        """A C{--workers 2} daemon once both workers run, and their pids."""
         workdir = self.mktemp()
         os.makedirs(workdir)
         daemon = start_daemon(
@@ -100,6 +101,11 @@ class WorkersEndToEndTests(SynchronousTestCase):
             time.sleep(0.1)
         workers = worker_pids(daemon.process.pid)
         self.assertEqual(len(workers), 2, daemon.log())
+        self.addCleanup(_kill_all, workers)  # never leave a worker behind a failed test
+        return daemon, workers
+
+    def test_two_workers_serve_restart_and_stop(self) -> None:
+        daemon, workers = self.start_pool()
         for _ in range(10):
             with urllib.request.urlopen(daemon.url + "/health", timeout=5) as r:
                 self.assertEqual(json.loads(r.read())["status"], "ok")
@@ -137,20 +143,7 @@ class WorkersEndToEndTests(SynchronousTestCase):
         self.assertNotIn("Traceback", daemon.log())
 
     def test_workers_stop_when_the_parent_is_killed(self) -> None:
-        workdir = self.mktemp()
-        os.makedirs(workdir)
-        daemon = start_daemon(
-            workdir,
-            {"MANAGEMENT_TOKEN": "mt", "LOG_FORMAT": "text", "ACCESS_LOG": "off"},
-            args=["--workers", "2"],
-        )
-        self.addCleanup(daemon.kill)
-        deadline = time.monotonic() + 20
-        while len(worker_pids(daemon.process.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        workers = worker_pids(daemon.process.pid)
-        self.assertEqual(len(workers), 2, daemon.log())
-        self.addCleanup(_kill_all, workers)
+        daemon, workers = self.start_pool()
         # SIGKILL: the parent can pass nothing on; the workers notice by themselves.
         daemon.kill()
         deadline = time.monotonic() + 20
