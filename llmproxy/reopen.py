@@ -44,10 +44,6 @@ class ReopenableFile:
     def close(self) -> None:
         self._file.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._file.closed
-
     def reopen(self) -> None:
         """
         What is buffered goes to the old file; later writes to a new one.
